@@ -1,0 +1,104 @@
+"""Network configuration: one dataclass that the model card stores and the builders read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+
+def _as_triples(values: Sequence, name: str) -> tuple[tuple[int, int, int], ...]:
+    """Accept ``3`` or ``(1, 3, 3)`` per stage and return a tuple of (z, y, x) triples."""
+    triples = []
+    for value in values:
+        if isinstance(value, int):
+            triples.append((value, value, value))
+        elif len(value) == 3:
+            triples.append(tuple(int(v) for v in value))
+        else:
+            raise ValueError(f"{name}: each entry must be an int or a (z, y, x) triple, got {value!r}")
+    return tuple(triples)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of the MaxQuery network (paper §3.1, §4.2) and of its plain-backbone twin.
+
+    ``kmax_levels`` are the pixel-decoder levels (0 = full resolution) that feed one kMaX block
+    each, coarse to fine. With isotropic strides of 2 a level ``L`` has output stride ``2**L``, so
+    the paper's output strides 32, 16, 8, 4 are levels (5, 4, 3, 2).
+    """
+
+    in_channels: int = 1
+    num_classes: int = 4
+    features: tuple[int, ...] = (32, 64, 128, 256, 320, 320)
+    kernel_sizes: tuple = (3, 3, 3, 3, 3, 3)
+    strides: tuple = (1, 2, 2, 2, 2, 2)
+    num_queries: int = 32
+    query_dim: int = 128
+    num_heads: int = 8
+    ffn_dim: int = 512
+    kmax_levels: tuple[int, ...] = (5, 4, 3, 2)
+    drop_path: float = 0.2
+    dropout: float = 0.0
+    query_groups: tuple[int, int, int] = (16, 4, 12)
+
+    def __post_init__(self) -> None:
+        n_stages = len(self.features)
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+        object.__setattr__(self, "kernel_sizes", _as_triples(self.kernel_sizes, "kernel_sizes"))
+        object.__setattr__(self, "strides", _as_triples(self.strides, "strides"))
+        object.__setattr__(self, "kmax_levels", tuple(int(v) for v in self.kmax_levels))
+        object.__setattr__(self, "query_groups", tuple(int(v) for v in self.query_groups))
+        if len(self.kernel_sizes) != n_stages or len(self.strides) != n_stages:
+            raise ValueError(
+                f"features, kernel_sizes and strides need one entry per stage; got "
+                f"{n_stages}, {len(self.kernel_sizes)} and {len(self.strides)}"
+            )
+        if any(level < 0 or level >= n_stages for level in self.kmax_levels):
+            raise ValueError(f"kmax_levels {self.kmax_levels} must lie in 0..{n_stages - 1}")
+        if sum(self.query_groups) != self.num_queries:
+            raise ValueError(
+                f"query_groups {self.query_groups} must add up to num_queries={self.num_queries}"
+            )
+        if self.query_dim % self.num_heads:
+            raise ValueError(f"query_dim={self.query_dim} must be divisible by num_heads={self.num_heads}")
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        """Product of the strides per axis: patch sizes must be multiples of it."""
+        total = [1, 1, 1]
+        for stride in self.strides:
+            total = [t * s for t, s in zip(total, stride)]
+        return tuple(total)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: (list(map(list, v)) if k in ("kernel_sizes", "strides") else list(v) if isinstance(v, tuple) else v)
+                for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def small_config(num_classes: int, **overrides: Any) -> NetworkConfig:
+    """A CPU-sized configuration (used by the demo model and the tests)."""
+    settings: dict[str, Any] = dict(
+        num_classes=num_classes,
+        features=(16, 32, 64, 128, 160),
+        kernel_sizes=(3, 3, 3, 3, 3),
+        strides=(1, 2, 2, 2, 2),
+        query_dim=64,
+        ffn_dim=128,
+        num_heads=8,
+        kmax_levels=(4, 3, 2),
+    )
+    settings.update(overrides)
+    return NetworkConfig(**settings)
+
+
+__all__ = ["NetworkConfig", "small_config"]

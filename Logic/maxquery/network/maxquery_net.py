@@ -1,0 +1,82 @@
+"""The MaxQuery mask transformer (paper Eq. 2-4).
+
+pixel features P (InstanceNorm on the last decoder level), mask embeddings C from the queries,
+query responses R = C·Pᵀ, cluster assignment M = softmax_N(R), class logits per query C_K and
+semantic logits Z = C_Kᵀ·M. Each kMaX block adds an auxiliary prediction of the same form from
+its own assignment logits, for deep supervision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backbone import UNetBackbone
+from .config import NetworkConfig
+from .kmax import KMaXBlock
+
+
+@dataclass
+class MaskPrediction:
+    """Z (B, K, *S) logits, R (B, N, *S) pre-softmax query responses, M = softmax_N(R)."""
+
+    logits: torch.Tensor
+    query_responses: torch.Tensor
+
+    @property
+    def assignments(self) -> torch.Tensor:
+        return self.query_responses.softmax(dim=1)
+
+
+@dataclass
+class MaxQueryOutput(MaskPrediction):
+    """The final prediction plus one auxiliary prediction per kMaX block (coarse to fine)."""
+
+    class_logits: torch.Tensor | None = None  # C_K, (B, N, K)
+    aux: list[MaskPrediction] = field(default_factory=list)
+
+
+def combine(class_logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """Z = C_Kᵀ · softmax_N(R) for (B, N, K) class logits and (B, N, *S) responses."""
+    assignments = responses.softmax(dim=1)
+    return torch.einsum("bnk,bn...->bk...", class_logits, assignments)
+
+
+class MaxQueryNet(nn.Module):
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.query_dim
+        self.backbone = UNetBackbone(config)
+        self.queries = nn.Parameter(torch.randn(1, config.num_queries, dim) * 0.02)
+        rates = torch.linspace(0, config.drop_path, len(config.kmax_levels)).tolist()
+        self.blocks = nn.ModuleList(
+            KMaXBlock(config.features[level], dim, config.num_heads, config.ffn_dim, rate, config.dropout)
+            for level, rate in zip(config.kmax_levels, rates)
+        )
+        self.aux_class_heads = nn.ModuleList(nn.Linear(dim, config.num_classes) for _ in config.kmax_levels)
+        self.final_norm = nn.LayerNorm(dim)
+        pixel_dim = config.features[0]
+        self.pixel_norm = nn.InstanceNorm3d(pixel_dim, affine=False)
+        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, pixel_dim))
+        self.class_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, config.num_classes))
+
+    def forward(self, x: torch.Tensor, with_aux: bool | None = None) -> MaxQueryOutput:
+        """``with_aux`` defaults to ``self.training``; inference skips the auxiliary logits."""
+        with_aux = self.training if with_aux is None else with_aux
+        levels = self.backbone(x)
+        queries = self.queries.expand(x.shape[0], -1, -1)
+        aux = []
+        for level, block, aux_head in zip(self.config.kmax_levels, self.blocks, self.aux_class_heads):
+            queries, block_logits = block(queries, levels[level])
+            if with_aux:
+                responses = block_logits.unflatten(2, levels[level].shape[2:])
+                aux.append(MaskPrediction(combine(aux_head(queries), responses), responses))
+        queries = self.final_norm(queries)
+        pixels = self.pixel_norm(levels[0])  # P
+        mask_embeddings = self.mask_embed(queries)  # C
+        responses = torch.einsum("bnc,bc...->bn...", mask_embeddings, pixels)  # R = C·Pᵀ
+        class_logits = self.class_head(queries)  # C_K
+        return MaxQueryOutput(combine(class_logits, responses), responses, class_logits, aux)
