@@ -1,0 +1,57 @@
+"""What one inference returns: the single object every consumer (CLI, Slicer, evaluation) reads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import SimpleITK as sitk
+
+from ..model_folder import ModelCard
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """A connected region of predicted tumour or of calibrated anomaly above the threshold."""
+
+    index: int
+    source: str  # "tumor" (predicted tumour class) or "anomaly" (calibrated anomaly ≥ threshold)
+    predicted_type: str  # class name of the majority predicted label inside the region
+    volume_ml: float
+    voxel_count: int
+    mean_anomaly: float  # calibrated score, [0, 1]
+    peak_anomaly: float  # calibrated score, [0, 1]
+    center_lps: tuple[float, float, float]  # physical centre of mass, SimpleITK (LPS) coordinates, mm
+
+
+@dataclass
+class SegmentationResult:
+    """All images share the input image's grid exactly (size, spacing, origin, direction).
+
+    ``labels`` holds the card's label values (uint8); ``anomaly`` the calibrated MaxQuery score in
+    [0, 1] (see ``maxquery.calibration``); ``anomaly_minmax`` the paper's per-case min-max version;
+    ``raw_scores`` every requested registry score, raw, higher = more anomalous.
+    """
+
+    labels: sitk.Image
+    anomaly: sitk.Image
+    anomaly_minmax: sitk.Image
+    raw_scores: dict[str, sitk.Image]
+    case_score: float  # mean calibrated anomaly inside the predicted tumour region (paper §4.2)
+    lesions: list[Lesion]
+    card: ModelCard
+    anomaly_threshold: float
+    device: str = "cpu"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """JSON-ready description of the case (what ``<name>_summary.json`` holds)."""
+        return {
+            "model": {"name": self.card.name, "version": self.card.version},
+            "case_score": self.case_score,
+            "anomaly_threshold": self.anomaly_threshold,
+            "calibration": self.card.calibration.region if self.card.calibration else None,
+            "lesions": [asdict(lesion) for lesion in self.lesions],
+            "classes": [c.to_dict() for c in self.card.classes],
+            "device": self.device,
+            "timings_s": self.timings,
+        }
