@@ -54,8 +54,18 @@ class NetworkConfig:
                 f"features, kernel_sizes and strides need one entry per stage; got "
                 f"{n_stages}, {len(self.kernel_sizes)} and {len(self.strides)}"
             )
+        if self.strides and self.strides[0] != (1, 1, 1):
+            raise ValueError(
+                f"the first stage must have stride (1, 1, 1) so that Z and R come out at the input "
+                f"resolution; got strides[0]={self.strides[0]} (downsample in the later stages)"
+            )
         if any(level < 0 or level >= n_stages for level in self.kmax_levels):
             raise ValueError(f"kmax_levels {self.kmax_levels} must lie in 0..{n_stages - 1}")
+        if len(self.query_groups) != 3 or min(self.query_groups) < 1:
+            raise ValueError(
+                f"query_groups {self.query_groups} must be three positive query counts "
+                f"(background, organ, tumour) for the QD loss"
+            )
         if sum(self.query_groups) != self.num_queries:
             raise ValueError(
                 f"query_groups {self.query_groups} must add up to num_queries={self.num_queries}"

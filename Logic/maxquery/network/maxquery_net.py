@@ -70,10 +70,13 @@ class MaxQueryNet(nn.Module):
         queries = self.queries.expand(x.shape[0], -1, -1)
         aux = []
         for level, block, aux_head in zip(self.config.kmax_levels, self.blocks, self.aux_class_heads):
+            # kMaX deep supervision: the block's assignment logits come from its incoming queries,
+            # so its class logits must too (cluster n's class and cluster n's pixels, same centre).
+            incoming = queries
             queries, block_logits = block(queries, levels[level])
             if with_aux:
                 responses = block_logits.unflatten(2, levels[level].shape[2:])
-                aux.append(MaskPrediction(combine(aux_head(queries), responses), responses))
+                aux.append(MaskPrediction(combine(aux_head(incoming), responses), responses))
         queries = self.final_norm(queries)
         pixels = self.pixel_norm(levels[0])  # P
         mask_embeddings = self.mask_embed(queries)  # C
