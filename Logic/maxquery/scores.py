@@ -74,9 +74,13 @@ def mc_dropout_prediction(model: torch.nn.Module, x: torch.Tensor, passes: int) 
     Returns a prediction whose logits are the log of the mean probabilities, so that
     ``softmax(logits)`` is the MC estimate. The model needs ``dropout`` > 0 in its configuration.
     """
-    dropouts = [m for m in model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout3d))]
+    # Only layers that actually drop something: MaxQueryNet always holds an nn.Dropout(p=0) in its
+    # FFNs, and passes through those would be identical while looking like a valid MC estimate.
+    dropouts = [m for m in model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout3d)) and m.p > 0]
+    if passes < 1:
+        raise ValueError(f"mc_dropout needs at least one forward pass, got passes={passes}")
     if not dropouts:
-        raise ValueError("mc_dropout needs a network trained with dropout > 0; this one has no dropout layer")
+        raise ValueError("mc_dropout needs a network trained with dropout > 0; this one has no active dropout layer")
     states = [m.training for m in dropouts]
     try:
         for m in dropouts:
