@@ -1,0 +1,1 @@
+"""MaxQuery training: data, augmentation, losses, the two-stage recipe, evaluation."""

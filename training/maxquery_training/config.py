@@ -1,0 +1,116 @@
+"""Training configuration, read from YAML (see ``configs/``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Which label values are background, organ and inlier tumour types; ``ood_label`` marks
+    unseen-type voxels that may appear in test labels only."""
+
+    background: list[int] = field(default_factory=lambda: [0])
+    organ: dict[int, str] = field(default_factory=lambda: {1: "liver"})
+    tumors: dict[int, str] = field(default_factory=lambda: {2: "cyst", 3: "hcc", 4: "metastasis"})
+    ood_label: int | None = 9
+    spacing_zyx: list[float] | None = None  # None: the median spacing of the training cases
+    skip_bad_cases: bool = False
+
+    @property
+    def label_values(self) -> list[int]:
+        """Training label values in network output order: background, organ(s), tumour types."""
+        return [self.background[0], *self.organ, *self.tumors]
+
+
+@dataclass
+class AugmentationConfig:
+    """nnU-Net-style augmentation probabilities and ranges (MONAI transforms)."""
+
+    rotation_deg: float = 15.0
+    rotation_prob: float = 0.2
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    scale_prob: float = 0.2
+    elastic_prob: float = 0.0
+    brightness_prob: float = 0.15
+    gamma_prob: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = 0.1
+    noise_std: float = 0.1
+    mirror_prob: float = 0.5
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 10
+    iterations_per_epoch: int = 50
+    learning_rate: float = 1e-4
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    freeze_backbone_epochs: int = 0  # stage 2: backbone frozen for these first epochs
+    backbone_lr_multiplier: float = 0.1  # stage 2: after unfreezing
+
+
+@dataclass
+class TrainingConfig:
+    name: str = "maxquery-model"
+    description: str = ""
+    network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig overrides
+    network_preset: str = "paper"  # "paper" or "small" (maxquery.network.small_config)
+    patch_size_zyx: list[int] = field(default_factory=lambda: [64, 128, 128])
+    batch_size: int = 2
+    foreground_oversample: float = 0.33
+    qd_loss: bool = True
+    qd_weight: float = 0.1
+    deep_supervision: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    validation_cases_for_calibration: int = 0  # 0: all validation cases
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
+        nested = {"data": DataConfig, "augmentation": AugmentationConfig, "stage1": StageConfig, "stage2": StageConfig}
+        _check_keys(cls, data, "config")
+        kwargs = {}
+        for key, value in data.items():
+            if key in nested:
+                _check_keys(nested[key], value, key)
+                kwargs[key] = nested[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _check_keys(cls: type, data: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+
+
+def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = None) -> TrainingConfig:
+    """Load a YAML file, or a bundled config by name (``paper``, ``cpu_demo``, ``tiny``)."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config file {path_or_name!r}; bundled configs: {bundled}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return TrainingConfig.from_dict(data)
