@@ -156,7 +156,7 @@ class ModelCard:
             )
         except ModelFolderError:
             raise
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # e.g. a list where an object belongs
             raise ModelFolderError(f"the model card is invalid: {err}") from err
 
 
