@@ -29,7 +29,8 @@ class SegmentationResult:
 
     ``labels`` holds the card's label values (uint8); ``anomaly`` the calibrated MaxQuery score in
     [0, 1] (see ``maxquery.calibration``); ``anomaly_minmax`` the paper's per-case min-max version;
-    ``raw_scores`` every requested registry score, raw, higher = more anomalous.
+    ``raw_scores`` every requested registry score, raw, higher = more anomalous. When the model card
+    has no calibration, ``calibrated`` is False and ``anomaly`` is the min-max map (see ``notes``).
     """
 
     labels: sitk.Image
@@ -42,6 +43,10 @@ class SegmentationResult:
     anomaly_threshold: float
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+    anomaly_score: str = "maxquery"  # the registry score that ``anomaly`` calibrates
+    calibrated: bool = True  # False: the card has no calibration and ``anomaly`` is the min-max map
+    notes: list[str] = field(default_factory=list)  # caveats to show the user (fast mode, no calibration)
+    image: sitk.Image | None = None  # the input CT (same object, not a copy), for review pictures
 
     def summary(self) -> dict:
         """JSON-ready description of the case (what ``<name>_summary.json`` holds)."""
@@ -50,6 +55,9 @@ class SegmentationResult:
             "case_score": self.case_score,
             "anomaly_threshold": self.anomaly_threshold,
             "calibration": self.card.calibration.region if self.card.calibration else None,
+            "anomaly_score": self.anomaly_score,
+            "calibrated": self.calibrated,
+            "notes": self.notes,
             "lesions": [asdict(lesion) for lesion in self.lesions],
             "classes": [c.to_dict() for c in self.card.classes],
             "device": self.device,

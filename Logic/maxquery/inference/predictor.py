@@ -1,0 +1,267 @@
+"""Whole-CT inference: one code path for the command line, the Slicer module and the evaluation.
+
+image → reorient to LPS → resample to the model spacing → CT normalisation → Gaussian sliding
+window (class probabilities and every requested score's per-patch map, aggregated with the same
+weights) → labels, finalised scores, calibrated anomaly, lesion table on the model grid → back to
+the input grid, whose geometry every output reproduces exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError, ResourceError, RunCancelled
+from ..io import image_from_array, validate_ct
+from ..metrics import case_score
+from ..model_folder import load_model_folder
+from ..network import MaskPrediction
+from ..preprocessing import resample_like, resample_to_spacing, to_canonical
+from ..scores import ScoreContext, get_score, mc_dropout_prediction
+from .lesions import find_lesions
+from .resources import check_fits, cpu_threads, estimate_memory, select_device, torch_threads
+from .result import SegmentationResult
+from .sliding_window import ALL_MIRROR_AXES, mirrored, sliding_window
+
+FAST_SPACING_FACTOR = 2.0  # fast mode: twice the model spacing per axis, about 8x fewer voxels
+
+# Share of the progress bar per stage; the sliding window dominates the run time.
+_STAGES = {"preprocessing": (0.0, 0.1), "sliding window": (0.1, 0.85), "postprocessing": (0.85, 0.93),
+           "resampling to the input grid": (0.93, 1.0)}
+
+
+class _Progress:
+    """Turns (stage, fraction within the stage) into the caller's overall fraction; checks cancel."""
+
+    def __init__(self, callback: Callable[[float, str], None] | None, cancel) -> None:
+        self.callback, self.cancel = callback, cancel
+
+    def __call__(self, stage: str, within: float = 0.0) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise RunCancelled("the run was cancelled; nothing was written")
+        if self.callback is not None:
+            low, high = _STAGES.get(stage, (1.0, 1.0))
+            self.callback(low + (high - low) * within, stage)
+
+
+class Predictor:
+    """Loads a model folder once and segments any number of CTs with it.
+
+    ``scores`` are registry names (``maxquery``, ``maxquery_post``, ``msp``, ``maxlogit``, ``sml``,
+    ``mc_dropout``); the score the card's calibration describes is always computed as well.
+    ``mirror`` averages over all 8 axis flips (8x slower). ``fast`` runs at
+    ``FAST_SPACING_FACTOR`` times the model spacing. ``device``: ``auto`` (CUDA, then MPS, then
+    CPU), ``cpu``, ``cuda`` or ``mps``; ``fell_back_to_cpu`` tells whether an accelerator was
+    wanted but none could be used.
+    """
+
+    def __init__(
+        self, model_folder: str | Path, device: str = "auto", fast: bool = False,
+        scores: Sequence[str] = ("maxquery",), overlap: float = 0.5, mirror: bool = False,
+        batch_size: int = 2, mc_passes: int = 8, num_threads: int | None = None,
+    ) -> None:
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+        self.device, self.fell_back_to_cpu = select_device(device)
+        loaded = load_model_folder(model_folder, device=self.device)
+        self.card, self.network, self.folder = loaded.card, loaded.network, loaded.folder
+        self.fast, self.overlap, self.mirror = fast, overlap, mirror
+        self.batch_size, self.mc_passes = max(1, int(batch_size)), int(mc_passes)
+        self._batch = self.batch_size  # lowered per case when memory is short
+        self.num_threads = num_threads or cpu_threads()
+        has_queries = self.card.architecture == "maxquery"
+        calibration = self.card.calibration
+        self.anomaly_score = calibration.score if calibration else ("maxquery" if has_queries else "maxlogit")
+        names = list(dict.fromkeys([*scores, self.anomaly_score]))
+        self.scores = [get_score(name) for name in names]
+        for score in self.scores:
+            if score.needs_queries and not has_queries:
+                raise ValueError(f"the score {score.name!r} needs a MaxQuery network; this model is "
+                                 f"{self.card.architecture!r}")
+            if score.name == "sml" and self.card.sml_stats is None:
+                raise ValueError("the 'sml' score needs max-logit statistics that this model card lacks")
+        self.spacing_zyx = tuple(s * (FAST_SPACING_FACTOR if fast else 1.0) for s in self.card.spacing_zyx)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def predict_array(
+        self, array_zyx: np.ndarray, spacing_xyz: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0),
+        direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1), **kwargs,
+    ) -> SegmentationResult:
+        """``predict`` for a (z, y, x) array with its geometry (x, y, z order, LPS, mm)."""
+        return self.predict(image_from_array(array_zyx, spacing_xyz, origin, direction), **kwargs)
+
+    def predict(
+        self, image: sitk.Image, progress: Callable[[float, str], None] | None = None, cancel=None,
+        anomaly_threshold: float = 0.99,
+    ) -> SegmentationResult:
+        """Segment one CT; every image of the result lies on ``image``'s grid exactly.
+
+        Raises ``InputError`` for an image that is no CT volume, ``ResourceError`` when it would
+        not fit in memory, ``RunCancelled`` when ``cancel.is_set()`` becomes true.
+        """
+        if not isinstance(image, sitk.Image):
+            raise InputError(f"expected a SimpleITK image, got {type(image).__name__}")
+        validate_ct(image)
+        step = _Progress(progress, cancel)
+        try:
+            with torch_threads(self.num_threads) if self.device.type == "cpu" else contextlib.nullcontext():
+                return self._predict(image, step, cancel, anomaly_threshold)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            if isinstance(err, ResourceError):
+                raise
+            raise ResourceError(self._out_of_memory_message()) from err
+        except RuntimeError as err:
+            if "out of memory" in str(err).lower() or "can't allocate memory" in str(err).lower():
+                raise ResourceError(self._out_of_memory_message()) from err
+            raise
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _predict(self, image: sitk.Image, step: _Progress, cancel, threshold: float) -> SegmentationResult:
+        timings: dict[str, float] = {}
+        start = clock = time.perf_counter()
+        step("preprocessing")
+        grid = resample_to_spacing(to_canonical(image), self.spacing_zyx)
+        volume = torch.from_numpy(self.card.normalization(sitk.GetArrayViewFromImage(grid)))
+        self._check_memory(image, volume.shape)
+        clock = _lap(timings, "preprocessing", clock)
+
+        k = self.card.network.num_classes
+        maps = sliding_window(
+            volume, self._patch_fn(), k + len(self.scores), self.card.patch_size_zyx, self.overlap,
+            self._batch, self._pad_value(), self.device,
+            on_batch=lambda done, total: step("sliding window", done / total), cancel=cancel,
+        )
+        del volume
+        clock = _lap(timings, "network", clock)
+
+        step("postprocessing")
+        indices = maps[:k].argmax(dim=0).numpy().astype(np.uint8)
+        label_values = np.asarray([c.value for c in self.card.classes], np.uint8)[indices]
+        context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing=self.spacing_zyx)
+        raw = {}
+        for i, score in enumerate(self.scores):
+            aggregated = maps[k + i].numpy()
+            raw[score.name] = score.finalize(aggregated, context) if score.finalize else aggregated
+        del maps
+        primary = raw[self.anomaly_score]
+        minmax = _min_max(primary)
+        calibrated = self.card.calibration(primary) if self.card.calibration else minmax
+        tumour = np.isin(indices, self.card.tumor_indices)
+        model_grid = {"labels": _like(label_values, grid), "anomaly": _like(calibrated, grid)}
+        lesions = find_lesions(model_grid["labels"], model_grid["anomaly"], self.card, threshold)
+        score = case_score(calibrated, tumour)
+        clock = _lap(timings, "postprocessing", clock)
+
+        step("resampling to the input grid")
+        outputs = {"labels": model_grid["labels"], "anomaly": model_grid["anomaly"],
+                   "anomaly_minmax": _like(minmax, grid), **{f"raw:{n}": _like(a, grid) for n, a in raw.items()}}
+        back = {}
+        for i, (name, model_image) in enumerate(outputs.items()):
+            back[name] = _to_input_grid(model_image, image, is_label=name == "labels")
+            step("resampling to the input grid", (i + 1) / len(outputs))
+        _lap(timings, "resampling", clock)
+        timings["total"] = round(time.perf_counter() - start, 3)
+        return SegmentationResult(
+            labels=back["labels"], anomaly=back["anomaly"], anomaly_minmax=back["anomaly_minmax"],
+            raw_scores={n: back[f"raw:{n}"] for n in raw}, case_score=score, lesions=lesions, card=self.card,
+            anomaly_threshold=threshold, device=str(self.device), timings=timings,
+            anomaly_score=self.anomaly_score, calibrated=self.card.calibration is not None,
+            notes=self._notes(), image=image,
+        )
+
+    def _patch_fn(self):
+        """(B, 1, *P) patches → (B, K + S, *P): softmax probabilities, then one map per score."""
+        deterministic = [s for s in self.scores if not s.stochastic_passes]
+        stochastic = [s for s in self.scores if s.stochastic_passes]
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if self.device.type == "cuda" \
+            else contextlib.nullcontext
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                with autocast():
+                    out = self.network(x)
+                if isinstance(out, MaskPrediction):
+                    prediction = MaskPrediction(out.logits.float(), out.query_responses.float())
+                else:
+                    prediction = MaskPrediction(out.float(), None)
+                maps = [prediction.logits.softmax(dim=1)]
+                maps += [s.per_patch(prediction).unsqueeze(1) for s in deterministic]
+                if stochastic:
+                    with autocast():
+                        sampled = mc_dropout_prediction(self.network, x, self.mc_passes)
+                    sampled = MaskPrediction(sampled.logits.float(), None)
+                    maps += [s.per_patch(sampled).unsqueeze(1) for s in stochastic]
+                return torch.cat(maps, dim=1).float().cpu()
+
+        return mirrored(predict, ALL_MIRROR_AXES) if self.mirror else predict
+
+    def _check_memory(self, image: sitk.Image, model_shape: Sequence[int]) -> None:
+        """Pick the largest batch size (up to the requested one) that fits, or refuse."""
+        batch = self.batch_size
+        while True:
+            estimate = estimate_memory(
+                int(np.prod(image.GetSize())), model_shape, self.card.patch_size_zyx, batch, self.card.network,
+                len(self.scores), self.card.architecture == "maxquery", self.mirror,
+            )
+            try:
+                check_fits(estimate, self.device, self.fast)
+                self._batch = batch
+                return
+            except ResourceError:
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+
+    def _pad_value(self) -> float:
+        """Normalised value of the lowest clipped intensity (air), for volumes smaller than a patch."""
+        return float(self.card.normalization(np.asarray([self.card.normalization.clip_low]))[0])
+
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.card.calibration is None:
+            notes.append("the model card has no anomaly calibration: 'anomaly' is the per-case min-max map, "
+                         "so a threshold does not mean the same thing in every case")
+        if self.fast:
+            spacing = " x ".join(f"{s:g}" for s in self.spacing_zyx)
+            notes.append(f"fast mode: the network ran at {spacing} mm (z, y, x), coarser than it was trained on")
+        if self.fell_back_to_cpu:
+            notes.append("no GPU could be used; the run was on the CPU")
+        return notes
+
+    def _out_of_memory_message(self) -> str:
+        where = "GPU" if self.device.type != "cpu" else "the computer"
+        return (f"{where} ran out of memory; try fast mode, a smaller batch size, cropping the CT"
+                f"{', or the CPU' if self.device.type != 'cpu' else ''}")
+
+
+def _lap(timings: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - since, 3)
+    return now
+
+
+def _min_max(array: np.ndarray) -> np.ndarray:
+    """The paper's per-case normalisation to [0, 1] (a constant map becomes all zeros)."""
+    low, high = float(array.min()), float(array.max())
+    return ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
+
+
+def _like(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(grid)
+    return image
+
+
+def _to_input_grid(image: sitk.Image, reference: sitk.Image, is_label: bool) -> sitk.Image:
+    """Resample onto the input grid; the model grid is first extended by its edge values so that
+    input voxels beyond the last model voxel centre (up to half a model voxel) get a value."""
+    extended = sitk.ZeroFluxNeumannPad(image, [1, 1, 1], [1, 1, 1])
+    return resample_like(extended, reference, is_label=is_label)
