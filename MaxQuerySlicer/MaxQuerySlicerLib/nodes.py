@@ -19,6 +19,7 @@ CANDIDATE_SEGMENT_ID = "maxquery_unseen_candidates"
 CANDIDATE_NAME = "Unseen lesion candidates"
 ROLE_TAG = "MaxQuery.role"
 VALUE_TAG = "MaxQuery.labelValue"
+LESION_MARGIN_MM = 10.0  # the core's default search margin around the predicted foreground
 ANOMALY_WINDOW = (0.5, 1.0)  # calibrated units: the median inlier voxel and above get a colour
 TABLE_COLUMNS = ("Region", "Source", "Type", "Volume (ml)", "Mean score", "Peak score", "R", "A", "S")
 
@@ -119,6 +120,14 @@ def add_segment(segmentation_node, segment_id: str, name: str, color, role: str,
     return segment_id
 
 
+def candidate_region(result) -> np.ndarray:
+    """Where candidates may lie: the core's lesion search region (predicted foreground plus margin)."""
+    from maxquery.inference.lesions import search_region
+
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    return search_region(labels, tuple(reversed(result.labels.GetSpacing())), LESION_MARGIN_MM)
+
+
 def create_segmentation(scene, result, reference_node, name: str):
     """One named, coloured segment per non-background class of the card, plus the candidates segment."""
     ensure_converters()
@@ -134,14 +143,18 @@ def create_segmentation(scene, result, reference_node, name: str):
                     terminology.codes_for(info.role, info.terminology), labels == info.value, matrix, info.value)
     anomaly = sitk.GetArrayViewFromImage(result.anomaly)
     add_segment(node, CANDIDATE_SEGMENT_ID, CANDIDATE_NAME, CANDIDATE_COLOR, "candidate",
-                terminology.codes_for("candidate", None), anomaly >= result.anomaly_threshold, matrix)
+                terminology.codes_for("candidate", None),
+                (anomaly >= result.anomaly_threshold) & candidate_region(result), matrix)
     node.SetAttribute("MaxQuery.threshold", repr(float(result.anomaly_threshold)))
     return node
 
 
-def update_candidates(segmentation_node, anomaly_node, threshold: float) -> int:
-    """Redraw the candidates segment as calibrated anomaly ≥ ``threshold``; returns the voxel count."""
+def update_candidates(segmentation_node, anomaly_node, threshold: float, region: np.ndarray | None = None) -> int:
+    """Redraw the candidates segment as calibrated anomaly ≥ ``threshold`` (inside ``region`` when
+    given); returns the voxel count."""
     mask = geometry.array_from_node(anomaly_node) >= threshold
+    if region is not None:
+        mask &= region
     matrix = vtk.vtkMatrix4x4()
     anomaly_node.GetIJKToRASMatrix(matrix)
     set_segment_mask(segmentation_node, CANDIDATE_SEGMENT_ID, mask, matrix)
@@ -165,6 +178,14 @@ def create_anomaly_volume(scene, result, name: str):
 def create_lesion_table(scene, lesions, name: str):
     """One row per candidate region; the centre is stored in RAS so a click can jump the views."""
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    fill_lesion_table(table, lesions)
+    table.SetLocked(True)
+    return table
+
+
+def fill_lesion_table(table, lesions) -> None:
+    """Replace the table's rows with ``lesions``."""
+    table.RemoveAllColumns()
     columns = {}
     for title in TABLE_COLUMNS:
         array = vtk.vtkStringArray() if title in ("Source", "Type") else vtk.vtkDoubleArray()
@@ -179,9 +200,6 @@ def create_lesion_table(scene, lesions, name: str):
             array.InsertNextValue(value if isinstance(array, vtk.vtkStringArray) else float(value))
     for array in columns.values():
         table.AddColumn(array)
-    table.SetUseColumnTitleAsColumnHeader(True) if hasattr(table, "SetUseColumnTitleAsColumnHeader") else None
-    table.SetLocked(True)
-    return table
 
 
 def table_rows(table) -> list[dict]:
