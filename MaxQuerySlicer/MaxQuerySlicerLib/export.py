@@ -141,19 +141,19 @@ def export_dicom_seg(segmentation_node, reference_node, source_files, path, over
     from . import terminology
 
     path = _target(path, overwrite)
-    datasets = [pydicom.dcmread(str(f)) for f in source_files]
+    datasets = [_with_sop_uids(pydicom.dcmread(str(f))) for f in source_files]
     if not datasets:
         raise ValueError("no source DICOM files: DICOM SEG needs the CT series the volume came from")
     reference = geometry.image_from_node(reference_node)
     ids = segment_ids(segmentation_node)
-    labels = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
+    masks = np.zeros(sitk.GetArrayViewFromImage(reference).shape + (len(ids),), dtype=bool)
     descriptions = []
     segmentation = segmentation_node.GetSegmentation()
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version=model_version,
                                                    family=codes.cid7162.ArtificialIntelligence)
     for number, segment_id in enumerate(ids, start=1):
         segment = segmentation.GetSegment(segment_id)
-        labels[segment_mask(segmentation_node, segment_id, reference_node)] = number
+        masks[..., number - 1] = segment_mask(segmentation_node, segment_id, reference_node)  # overlaps kept
         codes_ = terminology.codes_for(segment_tag(segment, ROLE_TAG) or "organ", _codes_from_segment(segment))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=segment.GetName(),
@@ -161,7 +161,7 @@ def export_dicom_seg(segmentation_node, reference_node, source_files, path, over
                                                            codes_["category"][2]),
             segmented_property_type=hd.sr.CodedConcept(codes_["type"][1], codes_["type"][0], codes_["type"][2]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
-    frames = _frames_in_source_order(labels, reference, datasets)
+    frames = _frames_in_source_order(masks, reference, datasets)
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
@@ -170,6 +170,15 @@ def export_dicom_seg(segmentation_node, reference_node, source_files, path, over
         series_description=f"{model_name} segmentation")
     seg.save_as(str(path))
     return path
+
+
+def _with_sop_uids(dataset):
+    """Some de-identified files keep the SOP class/instance UIDs only in the file meta; SEG needs them."""
+    meta = getattr(dataset, "file_meta", None)
+    for name, meta_name in (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if not dataset.get(name) and meta is not None and meta.get(meta_name):
+            setattr(dataset, name, meta.get(meta_name))
+    return dataset
 
 
 def _codes_from_segment(segment) -> dict:
@@ -188,11 +197,11 @@ def _codes_from_segment(segment) -> dict:
 
 
 def _frames_in_source_order(labels: np.ndarray, reference: sitk.Image, datasets) -> np.ndarray:
-    """Reorder the (k, j, i) labels to one frame per source dataset, matched by slice position."""
+    """Reorder the (k, j, i, segment) masks to one frame per source dataset, matched by slice position."""
     positions = np.array([reference.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(labels.shape[0])])
     frames = []
     for dataset in datasets:
-        if (int(dataset.Rows), int(dataset.Columns)) != labels.shape[1:]:
+        if (int(dataset.Rows), int(dataset.Columns)) != labels.shape[1:3]:
             raise ValueError("the source DICOM images and the volume have different in-plane sizes")
         distance = np.linalg.norm(positions - np.array(dataset.ImagePositionPatient, dtype=float), axis=1)
         k = int(np.argmin(distance))
