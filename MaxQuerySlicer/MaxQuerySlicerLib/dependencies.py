@@ -26,6 +26,8 @@ REQUIREMENTS = (
     Requirement("scipy", "scipy>=1.10"),
     Requirement("skimage", "scikit-image>=0.21"),
     Requirement("highdicom", "highdicom>=0.22"),
+    Requirement("psutil", "psutil>=5.9"),
+    Requirement("nrrd", "pynrrd>=1.0"),
 )
 
 

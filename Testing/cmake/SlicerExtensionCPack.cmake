@@ -1,0 +1,1 @@
+slicer_stub_record(extension CPACK "${PROJECT_NAME}")

@@ -1,0 +1,3 @@
+foreach(name HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS DEPENDS BUILD_SUBDIRECTORY)
+  slicer_stub_record(extension ${name} "${EXTENSION_${name}}")
+endforeach()

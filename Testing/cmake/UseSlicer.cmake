@@ -1,0 +1,28 @@
+set(SLICER_STUB_RECORD "${CMAKE_BINARY_DIR}/slicer_stub_record.txt")
+file(WRITE "${SLICER_STUB_RECORD}" "")
+
+function(slicer_stub_record macro key)
+  foreach(value ${ARGN})
+    file(APPEND "${SLICER_STUB_RECORD}" "${macro}|${key}|${value}\n")
+  endforeach()
+endfunction()
+
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS;WITH_SUBDIR" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  slicer_stub_record(slicerMacroBuildScriptedModule NAME ${MY_NAME})
+  slicer_stub_record(slicerMacroBuildScriptedModule SOURCE_DIR "${CMAKE_CURRENT_SOURCE_DIR}")
+  foreach(kind SCRIPTS RESOURCES)
+    foreach(file ${MY_${kind}})
+      slicer_stub_record(slicerMacroBuildScriptedModule ${kind} "${file}")
+      if(EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/${file}")
+        configure_file("${CMAKE_CURRENT_SOURCE_DIR}/${file}"
+          "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file}" COPYONLY)
+      endif()
+    endforeach()
+  endforeach()
+endmacro()
+
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT" "" ${ARGN})
+  slicer_stub_record(slicer_add_python_unittest SCRIPT "${CMAKE_CURRENT_SOURCE_DIR}/${MY_SCRIPT}")
+endmacro()
