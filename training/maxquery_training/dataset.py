@@ -107,6 +107,8 @@ def map_labels(label: np.ndarray, table: np.ndarray, case_id: str) -> np.ndarray
 def median_spacing(cases: list[CaseFiles]) -> list[float]:
     spacings = []
     for case in cases:
+        if not case.image.is_file():  # reported by read_case when the case is used
+            continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(case.image))
         reader.ReadImageInformation()
@@ -125,7 +127,12 @@ def compute_normalization(cases: list[CaseFiles], data: DataConfig, max_samples:
     per_case = max(1, max_samples // max(1, len(cases)))
     samples = []
     for case in cases:
-        image, label = read_case(case)
+        try:
+            image, label = read_case(case)
+        except DataError:
+            if data.skip_bad_cases:
+                continue
+            raise
         values = sitk.GetArrayViewFromImage(image)[~np.isin(sitk.GetArrayViewFromImage(label), data.background)]
         if values.size > per_case:
             values = rng.choice(values, per_case, replace=False)
