@@ -89,10 +89,9 @@ class MaxQuerySlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputSelector.setMRMLScene(slicer.mrmlScene)
         for slider, low, high, step in ((self.ui.thresholdSlider, 0.5, 1.0, 0.001),
                                         (self.ui.opacitySlider, 0.0, 1.0, 0.05)):
-            slider.setDecimals(3)
-            slider.setMinimum(low)
-            slider.setMaximum(high)
-            slider.setSingleStep(step)
+            # setProperty: the same call under PythonQt (Slicer) and PySide
+            for name, value in (("decimals", 3), ("minimum", low), ("maximum", high), ("singleStep", step)):
+                slider.setProperty(name, value)
         self.ui.candidatesTable.setColumnCount(6)
         self.ui.candidatesTable.setHorizontalHeaderLabels(["#", "Source", "Type", "Volume (ml)", "Mean", "Peak"])
 

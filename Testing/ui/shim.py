@@ -100,17 +100,10 @@ class ctkSliderWidget(QtWidgets.QWidget):
         self.slider.blockSignals(False)
         self.valueChanged.emit(value)
 
-    def setDecimals(self, decimals):
-        self.spinBox.setDecimals(decimals)
-
-    def setMinimum(self, value):
-        self.spinBox.setMinimum(value)
-
-    def setMaximum(self, value):
-        self.spinBox.setMaximum(value)
-
-    def setSingleStep(self, value):
-        self.spinBox.setSingleStep(value)
+    decimals = Property(int, lambda self: self.spinBox.decimals(), lambda self, v: self.spinBox.setDecimals(v))
+    minimum = Property(float, lambda self: self.spinBox.minimum(), lambda self, v: self.spinBox.setMinimum(v))
+    maximum = Property(float, lambda self: self.spinBox.maximum(), lambda self, v: self.spinBox.setMaximum(v))
+    singleStep = Property(float, lambda self: self.spinBox.singleStep(), lambda self, v: self.spinBox.setSingleStep(v))
 
     def setValue(self, value):
         self.spinBox.setValue(value)
