@@ -12,7 +12,8 @@ forward passes after ``--warmup`` passes each, in eval mode under ``torch.no_gra
     python Testing/benchmarks/bench_network.py --config small --patch 32 64 64 --runs 3
     python Testing/benchmarks/bench_network.py --config paper --patch 32 96 96 --profile
 
-``--profile`` adds, for MaxQueryNet, where its extra time goes (backbone, kMaX blocks, R = C·Pᵀ,
+``--reference-heads`` runs MaxQueryNet with the training path's heads (full-size normalised P and
+M), i.e. as it was before the chunked inference path, for comparison. ``--profile`` adds, for MaxQueryNet, where its extra time goes (backbone, kMaX blocks, R = C·Pᵀ,
 softmax over queries, Z = C_Kᵀ·M).
 """
 
@@ -53,7 +54,20 @@ def _build(model: str, config_name: str):
 
     torch.manual_seed(0)
     config = _config(config_name)
-    return build_network(model, config).eval(), config
+    net = build_network(model, config).eval()
+    if model == "maxquery" and os.environ.get("BENCH_REFERENCE_HEADS"):
+        net._inference_heads = _reference_heads.__get__(net)
+    return net, config
+
+
+def _reference_heads(net, mask_embeddings, class_logits, features):
+    """The heads as the training path computes them (full-size normalised P and M), for comparison."""
+    import torch
+
+    from maxquery.network.maxquery_net import combine
+
+    responses = torch.einsum("bnc,bc...->bn...", mask_embeddings, net.pixel_norm(features))
+    return responses, combine(class_logits, responses)
 
 
 def memory_worker(args: argparse.Namespace) -> None:
@@ -143,6 +157,8 @@ def _subprocess(mode: str, config: str, patch, args, model: str = "plain") -> di
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ)
+    if args.reference_heads:
+        env["BENCH_REFERENCE_HEADS"] = "1"
     logic = str(Path(__file__).resolve().parents[2] / "Logic")
     env["PYTHONPATH"] = logic + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -184,6 +200,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine more threads make small ops stall on busy cores)")
     parser.add_argument("--profile", action="store_true", help="break MaxQueryNet's forward time down by stage")
+    parser.add_argument("--reference-heads", action="store_true",
+                        help="run MaxQueryNet with the training-path heads (no chunked inference path), to compare")
     parser.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=("plain", "maxquery"), help=argparse.SUPPRESS)
     args = parser.parse_args()
