@@ -18,7 +18,7 @@ from . import __version__
 from .errors import MaxQueryError, RunCancelled
 from .inference import Predictor
 from .inference.writer import check_free, planned_outputs, write_outputs
-from .io import case_name, dicom_series, is_image_file, read_image
+from .io import case_name, dicom_series, is_image_file, read_image, validate_ct
 from .model_folder import ModelFolderError
 from .scores import SCORES
 
@@ -84,6 +84,7 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             check_free(paths, args.overwrite)
             image = read_image(path)
+            validate_ct(image)  # before the progress bar, so a refusal is one clean line
             with tqdm(total=100, desc=name, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
                       file=sys.stderr, leave=False) as bar:
                 def progress(fraction: float, stage: str) -> None:
