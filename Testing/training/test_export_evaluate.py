@@ -1,0 +1,58 @@
+"""Train the tiny config, export a model folder, evaluate it: the researcher's path end to end."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from maxquery.model_folder import load_model_folder
+from maxquery_training import cli, evaluate
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_msd, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--set", "stage1.epochs=1", "--set", "stage2.epochs=2"]) == 0
+    out = work / "model"
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--out", str(out)]) == 0
+    return work, out
+
+
+def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
+    work, out = exported
+    loaded = load_model_folder(out)
+    card = loaded.card
+    assert card.architecture == "maxquery" and [c.name for c in card.classes] == ["background", "liver", "cyst", "hcc", "metastasis"]
+    assert card.classes[1].terminology["type"]["code"] == "10200004"
+    assert card.calibration.score == "maxquery"
+    assert np.all(np.diff(card.calibration.values) >= 0)
+    assert len(card.sml_stats["mean"]) == 5 and all(s > 0 for s in card.sml_stats["std"])
+    assert card.training["epochs"] == 2 and card.training["qd_loss"] is True
+    # exporting again without --overwrite refuses and keeps the folder
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--out", str(out)]) == 2
+    assert load_model_folder(out).card.calibration == card.calibration
+
+
+def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
+    work, model = exported
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--run", "stage1", "--out", str(work / "plain")]) == 0
+    report = tmp_path / "report"
+    assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--model", str(work / "plain"),
+                          "--out", str(report), "--mc-passes", "2"]) == 0
+    rows = list(csv.DictReader(open(report / "ood.csv")))
+    maxquery_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny"}
+    plain_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny-plain"}
+    assert maxquery_scores == {"maxquery", "maxquery_post", "msp", "maxlogit", "sml", "mc_dropout"}
+    assert plain_scores == {"msp", "maxlogit", "sml", "mc_dropout"}
+    for row in rows:
+        for key in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "case_auc"):
+            assert 0.0 <= float(row[key]) <= 1.0
+    dice = list(csv.DictReader(open(report / "dice.csv")))
+    assert {d["model"] for d in dice} == {"maxquery-tiny", "maxquery-tiny-plain"}
+    assert float(dice[0]["liver"]) > 0  # the liver is large enough to be partly found even by a tiny model
+    text = (report / "report.md").read_text()
+    assert "| maxquery-tiny | maxquery |" in text and "organ" in text
+    assert (report / "roc.png").stat().st_size > 1000 and (report / "pr.png").stat().st_size > 1000

@@ -1,0 +1,169 @@
+"""``maxquery-evaluate``: the paper's tables on your test set (Tables 1, 2 and 4).
+
+    maxquery-evaluate --data DATASET --model MODEL_DIR [--model OTHER_DIR ...] --out REPORT_DIR
+
+For every model and every anomaly score it can produce, OOD localisation (AUROC, AUPR, FPR95;
+voxels of the test splits, OOD label positive) inside the organ region and over the whole volume,
+and case-level AUC (case score = mean raw score inside the predicted tumour, paper §4.2); for every
+model the Dice per organ and inlier tumour type (OOD voxels excluded). Writes ``report.md``,
+``ood.csv``, ``dice.csv``, ``roc.png`` and ``pr.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from maxquery.inference import Predictor
+from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, case_score, rank_auc
+from maxquery.model_folder import read_model_card
+from maxquery.scores import SCORES
+
+from .dataset import list_cases, read_case
+from .regions import DEFAULT_MARGIN_MM, organ_region
+
+REGIONS = ("organ", "whole")
+QUERY_SCORES = ("maxquery", "maxquery_post")
+
+
+@dataclass
+class ScoreTally:
+    voxels: dict[str, StreamingOODMetrics] = field(default_factory=lambda: {r: StreamingOODMetrics() for r in REGIONS})
+    case_scores: list[float] = field(default_factory=list)
+    case_is_ood: list[bool] = field(default_factory=list)
+
+    def row(self) -> dict[str, float]:
+        row = {}
+        for region, metrics in self.voxels.items():
+            row.update({f"{k}_{region}": v for k, v in metrics.summary().items()})
+        row["case_auc"] = rank_auc(np.array(self.case_scores), np.array(self.case_is_ood))
+        return row
+
+
+def scores_for(folder: Path, requested: list[str]) -> list[str]:
+    card = read_model_card(folder)
+    names = [s for s in requested if card.architecture == "maxquery" or s not in QUERY_SCORES]
+    if card.sml_stats is None:
+        names = [s for s in names if s != "sml"]
+    if card.network.dropout == 0:
+        names = [s for s in names if s != "mc_dropout"]
+    return names
+
+
+def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_label: int, margin_mm: float,
+                   mc_passes: int, overlap: float, device: str):
+    predictor = Predictor(folder, device=device, scores=score_names, mc_passes=mc_passes, overlap=overlap)
+    card = predictor.card
+    tallies = {name: ScoreTally() for name in score_names}
+    dice = DiceAccumulator(tuple(c.value for c in card.classes if c.role != "background"))
+    tumour_values = [c.value for c in card.classes if c.role == "tumor"]
+    foreground = [c.value for c in card.classes if c.role != "background"] + [ood_label]
+    cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
+            [(c, True) for c in list_cases(data_root, "test_ood")]
+    for case, is_ood_case in tqdm(cases, desc=card.name):
+        image, label = read_case(case)
+        result = predictor.predict(image)
+        reference = sitk.GetArrayFromImage(label)
+        predicted = sitk.GetArrayFromImage(result.labels)
+        ood = reference == ood_label
+        region = organ_region(reference, foreground, tuple(reversed(label.GetSpacing())), margin_mm)
+        predicted_tumour = np.isin(predicted, tumour_values)
+        for name, tally in tallies.items():
+            raw = sitk.GetArrayViewFromImage(result.raw_scores[name])
+            tally.voxels["organ"].update(raw, ood, region)
+            tally.voxels["whole"].update(raw, ood)
+            tally.case_scores.append(case_score(raw, predicted_tumour))
+            tally.case_is_ood.append(is_ood_case)
+        dice.update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+    names = {c.value: c.name for c in card.classes}
+    return card, tallies, {names[v]: d for v, d in dice.mean().items()}
+
+
+def write_report(out: Path, rows: list[dict], dice_rows: list[dict], curves: dict, margin_mm: float,
+                 data_root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path, table in ((out / "ood.csv", rows), (out / "dice.csv", dice_rows)):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    lines = [f"# Evaluation on {data_root.name}", "",
+             f"OOD localisation: voxels of the test_inlier and test_ood cases, OOD label positive. 'organ' = "
+             f"inside the organ and its lesions dilated by {margin_mm:g} mm; 'whole' = the whole volume. "
+             "Case AUC: case score = mean raw score inside the predicted tumour (paper §4.2), test_ood vs "
+             "test_inlier cases. Values in %.", "",
+             "| model | score | AUROC organ | AUPR organ | FPR95 organ | AUROC whole | AUPR whole | FPR95 whole | case AUC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['score']} | " + " | ".join(
+            f"{100 * r[k]:.2f}" for k in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "aupr_whole",
+                                          "fpr95_whole", "case_auc")) + " |")
+    classes = [k for k in dice_rows[0] if k != "model"]
+    lines += ["", "Dice (%) per class on the test cases (OOD voxels excluded; mean over cases where the class "
+              "is present in the reference or the prediction):", "",
+              "| model | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for r in dice_rows:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{100 * r[c]:.2f}" for c in classes) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    for kind, axes in (("roc", ("false positive rate", "true positive rate")), ("pr", ("recall", "precision"))):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for label, (x, y) in curves[kind].items():
+            ax.plot(x, y, label=label, linewidth=1.2)
+        ax.set_xlabel(axes[0])
+        ax.set_ylabel(axes[1])
+        ax.set_title(f"OOD localisation ({kind.upper()}, organ region)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="maxquery-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="Decathlon dataset with test_inlier/test_ood")
+    parser.add_argument("--model", required=True, type=Path, action="append", help="model folder (repeatable)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--scores", default=",".join(SCORES), help="comma-separated registry scores")
+    parser.add_argument("--ood-label", type=int, default=None, help="default: dataset.json's ood_label")
+    parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM)
+    parser.add_argument("--mc-passes", type=int, default=8)
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    ood_label = args.ood_label
+    if ood_label is None:
+        ood_label = json.loads((args.data / "dataset.json").read_text()).get("ood_label")
+    if ood_label is None:
+        print("maxquery-evaluate: error: the dataset has no ood_label; pass --ood-label", file=sys.stderr)
+        return 2
+    rows, dice_rows, curves = [], [], {"roc": {}, "pr": {}}
+    for folder in args.model:
+        names = scores_for(folder, args.scores.split(","))
+        card, tallies, dice = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
+                                             args.mc_passes, args.overlap, args.device)
+        for name, tally in tallies.items():
+            rows.append({"model": card.name, "score": name, **tally.row()})
+            curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
+            curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
+        dice_rows.append({"model": card.name, **dice})
+    write_report(args.out, rows, dice_rows, curves, args.margin_mm, args.data)
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

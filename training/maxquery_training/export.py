@@ -1,0 +1,111 @@
+"""Turn a trained run into a model folder: card, weights, SML statistics and anomaly calibration.
+
+SML needs the mean and standard deviation of the max logit per predicted class over training
+voxels (Jung et al. 2021). The calibration stores quantiles of the raw anomaly score over inlier
+validation voxels inside the organ region (``regions.organ_region``), so the calibrated score of
+a voxel reads as the fraction of inlier organ voxels scoring lower. Both come from the same
+predictor a user runs, so they match inference exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from maxquery.calibration import AnomalyCalibration
+from maxquery.inference import Predictor
+from maxquery.model_folder import ModelCard, save_model_folder
+
+from .classes import class_infos
+from .config import TrainingConfig
+from .dataset import list_cases, read_case
+from .pipeline import Plan, load_trained, network_config
+from .regions import organ_region
+from .trainer import load_checkpoint
+
+log = logging.getLogger(__name__)
+MAX_CALIBRATION_SAMPLES = 2_000_000
+
+
+def build_card(config: TrainingConfig, plan: Plan, architecture: str, training: dict) -> ModelCard:
+    return ModelCard(
+        name=config.name + ("" if architecture == "maxquery" and config.qd_loss else
+                            "-noqd" if architecture == "maxquery" else "-plain"),
+        architecture=architecture, network=network_config(config), classes=class_infos(config.data),
+        spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(config.patch_size_zyx),
+        normalization=plan.normalization, description=config.description, training=training,
+    )
+
+
+def sml_statistics(predictor: Predictor, cases, num_classes: int) -> dict:
+    """Per predicted class: mean and std of the max logit over the training voxels."""
+    sums, squares, counts = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
+    value_to_index = {c.value: i for i, c in enumerate(predictor.card.classes)}
+    for case in tqdm(cases, desc="SML statistics", leave=False):
+        image, _ = read_case(case)
+        result = predictor.predict(image)
+        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"]).astype(np.float64)
+        labels = sitk.GetArrayViewFromImage(result.labels)
+        for value, index in value_to_index.items():
+            values = max_logit[labels == value]
+            sums[index] += values.sum()
+            squares[index] += (values**2).sum()
+            counts[index] += values.size
+    mean = sums / np.maximum(counts, 1)
+    std = np.sqrt(np.maximum(squares / np.maximum(counts, 1) - mean**2, 1e-12))
+    return {"mean": mean.tolist(), "std": std.tolist(), "voxels": counts.astype(int).tolist()}
+
+
+def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, score: str) -> np.ndarray:
+    """Raw ``score`` at inlier voxels of the organ region of each validation case."""
+    rng = np.random.default_rng(0)
+    per_case = MAX_CALIBRATION_SAMPLES // max(1, len(cases))
+    foreground = [*config.data.organ, *config.data.tumors]
+    samples = []
+    for case in tqdm(cases, desc="calibration", leave=False):
+        image, label = read_case(case)
+        result = predictor.predict(image)
+        raw = sitk.GetArrayViewFromImage(result.raw_scores[score])
+        reference = sitk.GetArrayViewFromImage(label)
+        spacing = tuple(reversed(label.GetSpacing()))
+        values = raw[organ_region(reference, foreground, spacing)]
+        if values.size > per_case:
+            values = rng.choice(values, per_case, replace=False)
+        samples.append(values)
+    return np.concatenate(samples)
+
+
+def export_model(
+    config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan, run: str, out: Path,
+    overwrite: bool = False, device: str = "auto",
+) -> Path:
+    architecture = "plain" if run == "stage1" else "maxquery"
+    run_dir = work_dir / run
+    network = load_trained(architecture, config, run_dir)
+    history = load_checkpoint(run_dir / "checkpoint.pt")["history"]
+    training = {
+        "dataset": str(Path(data_root).name),
+        "training_cases": len(list_cases(data_root, "training")),
+        "validation_cases": len(list_cases(data_root, "validation")),
+        "run": run, "epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
+        "qd_loss": config.qd_loss if architecture == "maxquery" else None,
+        "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
+    }
+    card = build_card(config, plan, architecture, training)
+    score = "maxquery" if architecture == "maxquery" else "maxlogit"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_folder(tmp, card, network)
+        predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
+        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training")[:12], len(card.classes))
+        samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
+    card.calibration = AnomalyCalibration.fit(score, samples)
+    log.info("calibrated %s on %d inlier validation voxels", score, samples.size)
+    return save_model_folder(out, card, network, overwrite=overwrite)
