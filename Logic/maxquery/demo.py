@@ -1,7 +1,8 @@
 """``python -m maxquery.demo`` (``make demo``): segment a CT and show where the outputs are.
 
 With the bundled model (``Resources/Models/maxquery-liver-demo``) it runs on the shipped demo
-case (``Resources/DemoData``). Until that model exists it builds an UNTRAINED small MaxQuery model
+case (``Resources/DemoData/liverbench_A_0085.nii.gz``, a benchmark test case with an unseen-type
+lesion). Until that model exists it builds an UNTRAINED small MaxQuery model
 in a temporary folder and runs it on a real abdominal CT, to show the pipeline end to end: its
 labels and anomaly map are then meaningless.
 """
@@ -21,7 +22,7 @@ from .preprocessing import CTNormalization
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "Resources" / "Models" / "maxquery-liver-demo"
-DEMO_DATA = REPO / "Resources" / "DemoData"
+DEMO_CASE = REPO / "Resources" / "DemoData" / "liverbench_A_0085.nii.gz"  # see PROVENANCE.md beside it
 FALLBACK_CT = REPO.parent / "shared" / "data" / "real" / "totalsegmentator" / "example_ct_sm.nii.gz"
 
 DEMO_CLASSES = (
@@ -52,19 +53,12 @@ def build_untrained_model(
     return save_model_folder(folder, card, build_network(architecture, config), overwrite=True)
 
 
-def _demo_case() -> Path:
-    cases = sorted(p for p in DEMO_DATA.iterdir() if not p.name.startswith(".")) if DEMO_DATA.is_dir() else []
-    if not cases:
-        raise SystemExit(f"the demo model exists but no demo case was found in {DEMO_DATA}")
-    return cases[0]
-
-
 def main() -> int:
     from .cli import main as cli_main
 
     out = Path(tempfile.mkdtemp(prefix="maxquery-demo-"))
     if DEMO_MODEL.is_dir():
-        model, case = DEMO_MODEL, _demo_case()
+        model, case = DEMO_MODEL, DEMO_CASE
         print(f"demo: bundled model {model} on {case}")
     else:
         model, case = build_untrained_model(out / "untrained-model"), FALLBACK_CT

@@ -13,7 +13,7 @@ Scores: ``maxquery`` −maxₙ R (paper Eq. 9), ``maxquery_post`` −maxₙ M, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ class ScoreContext:
     """What ``finalize`` may need besides the aggregated map."""
 
     labels: np.ndarray | None = None  # predicted label map on the same grid
-    argmax_logit: np.ndarray | None = None  # aggregated max logit, for SML
     sml_stats: dict | None = None  # {"mean": [...K], "std": [...K]} per predicted class
-    spacing: Sequence[float] = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -97,8 +95,7 @@ def _logits_of(output) -> torch.Tensor:
 
 
 def standardized_max_logit(
-    max_logit: np.ndarray, labels: np.ndarray, stats: dict, spacing: Sequence[float],
-    boundary_width: int = 2, smoothing_dilation: int = 3,
+    max_logit: np.ndarray, labels: np.ndarray, stats: dict, boundary_width: int = 2, smoothing_dilation: int = 3,
 ) -> np.ndarray:
     """SML (Jung et al. 2021) in 3D, returned negated so that higher = more anomalous.
 
@@ -137,7 +134,7 @@ def _finalize_sml(aggregated: np.ndarray, ctx: ScoreContext) -> np.ndarray:
             "the 'sml' score needs per-class max-logit statistics from training data; this model "
             "folder has none (train with maxquery-train, which stores them, or drop 'sml')"
         )
-    return standardized_max_logit(aggregated, ctx.labels, ctx.sml_stats, ctx.spacing)
+    return standardized_max_logit(aggregated, ctx.labels, ctx.sml_stats)
 
 
 SCORES: dict[str, AnomalyScore] = {

@@ -122,7 +122,7 @@ def test_sml_standardises_with_the_predicted_class_statistics():
     mean, std = np.array(STATS["mean"])[labels], np.array(STATS["std"])[labels]
     z = 1.5
     max_logit = mean + z * std  # a constant standardised value everywhere
-    sml = standardized_max_logit(max_logit, labels, STATS, spacing=(1.0, 1.0, 1.0))
+    sml = standardized_max_logit(max_logit, labels, STATS)
     np.testing.assert_allclose(sml, -z, atol=1e-5)  # suppression and smoothing keep a constant
     # Raw max logits differ by 8.75 between the classes; standardised they do not differ at all.
     assert np.ptp(max_logit) > 8

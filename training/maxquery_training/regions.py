@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
+
+from maxquery.inference.lesions import grow_mask
 
 DEFAULT_MARGIN_MM = 5.0
 
@@ -19,8 +20,4 @@ def organ_region(
     margin_mm: float = DEFAULT_MARGIN_MM,
 ) -> np.ndarray:
     """Voxels within ``margin_mm`` of any voxel whose label is in ``foreground_values``."""
-    inside = np.isin(label, list(foreground_values))
-    if not inside.any():
-        return inside
-    distance = ndimage.distance_transform_edt(~inside, sampling=spacing_zyx)
-    return distance <= margin_mm
+    return grow_mask(np.isin(label, list(foreground_values)), spacing_zyx, margin_mm)

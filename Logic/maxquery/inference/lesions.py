@@ -17,12 +17,16 @@ from .result import Lesion
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
+def grow_mask(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
+    """Voxels within ``margin_mm`` (Euclidean, in mm) of ``mask``."""
+    if not mask.any() or margin_mm <= 0:
+        return mask
+    return ndimage.distance_transform_edt(~mask, sampling=spacing_zyx) <= margin_mm
+
+
 def search_region(labels: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
-    """Predicted foreground grown by ``margin_mm`` (Euclidean distance in mm)."""
-    foreground = labels != 0
-    if not foreground.any() or margin_mm <= 0:
-        return foreground
-    return ndimage.distance_transform_edt(~foreground, sampling=spacing_zyx) <= margin_mm
+    """Predicted foreground (organ and tumour) grown by ``margin_mm``."""
+    return grow_mask(labels != 0, spacing_zyx, margin_mm)
 
 
 def find_lesions(
