@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .inference.lesions import search_region
 from .inference.result import SegmentationResult
-from .preprocessing import to_canonical
+from .preprocessing import spacing_zyx, to_canonical
 
 CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (level 40, width 400)
 OVERLAY_FROM = 0.5  # calibrated anomaly below this is not drawn, so the anatomy stays visible
+# The overlay is drawn only where the lesion table looks (around the predicted organ): the
+# calibration describes organ voxels, and far from the organ a high score means nothing.
 
 
 def focus_point(result: SegmentationResult, canonical: sitk.Image) -> tuple[int, int, int]:
@@ -43,6 +46,7 @@ def write_review_png(result: SegmentationResult, path: str | Path, title: str = 
     arrays = {name: sitk.GetArrayViewFromImage(to_canonical(image))
               for name, image in (("labels", result.labels), ("anomaly", result.anomaly))}
     arrays["ct"] = sitk.GetArrayViewFromImage(ct)
+    arrays["anomaly"] = np.where(search_region(arrays["labels"], spacing_zyx(ct)), arrays["anomaly"], 0.0)
     sx, sy, sz = ct.GetSpacing()
     x, y, z = focus_point(result, ct)
     views = [  # (title, slicer, row spacing, column spacing, origin) in LPS array order (z, y, x)

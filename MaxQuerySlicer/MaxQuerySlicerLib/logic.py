@@ -143,8 +143,7 @@ class MaxQueryLogic:
         if segmentation is None or table is None or segmentation.GetID() not in self._results:
             return 0
         result, _ = self._results[segmentation.GetID()]
-        lesions = find_lesions(result.labels, result.anomaly, result.card, params.threshold,
-                               margin_mm=nodes.LESION_MARGIN_MM)
+        lesions = find_lesions(result.labels, result.anomaly, result.card, params.threshold)
         nodes.fill_lesion_table(table, lesions)
         return len(lesions)
 

@@ -19,7 +19,6 @@ CANDIDATE_SEGMENT_ID = "maxquery_unseen_candidates"
 CANDIDATE_NAME = "Unseen lesion candidates"
 ROLE_TAG = "MaxQuery.role"
 VALUE_TAG = "MaxQuery.labelValue"
-LESION_MARGIN_MM = 10.0  # the core's default search margin around the predicted foreground
 ANOMALY_WINDOW = (0.5, 1.0)  # calibrated units: the median inlier voxel and above get a colour
 TABLE_COLUMNS = ("Region", "Source", "Type", "Volume (ml)", "Mean score", "Peak score", "R", "A", "S")
 
@@ -125,7 +124,7 @@ def candidate_region(result) -> np.ndarray:
     from maxquery.inference.lesions import search_region
 
     labels = sitk.GetArrayViewFromImage(result.labels)
-    return search_region(labels, tuple(reversed(result.labels.GetSpacing())), LESION_MARGIN_MM)
+    return search_region(labels, tuple(reversed(result.labels.GetSpacing())))
 
 
 def create_segmentation(scene, result, reference_node, name: str):

@@ -15,6 +15,7 @@ from ..model_folder import ModelCard
 from .result import Lesion
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
+SEARCH_MARGIN_MM = 10.0  # anomaly is looked for within this distance of the predicted organ/tumour
 
 
 def grow_mask(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
@@ -24,14 +25,14 @@ def grow_mask(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask, sampling=spacing_zyx) <= margin_mm
 
 
-def search_region(labels: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
+def search_region(labels: np.ndarray, spacing_zyx, margin_mm: float = SEARCH_MARGIN_MM) -> np.ndarray:
     """Predicted foreground (organ and tumour) grown by ``margin_mm``."""
     return grow_mask(labels != 0, spacing_zyx, margin_mm)
 
 
 def find_lesions(
     labels: sitk.Image, anomaly: sitk.Image, card: ModelCard, threshold: float = 0.99,
-    margin_mm: float = 10.0, min_volume_ml: float = 0.1, max_regions: int = 50,
+    margin_mm: float = SEARCH_MARGIN_MM, min_volume_ml: float = 0.1, max_regions: int = 50,
 ) -> list[Lesion]:
     """Tumour components first, then anomaly components, each sorted by volume (largest first).
 
