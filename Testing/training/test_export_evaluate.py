@@ -41,7 +41,7 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
                      "--run", "stage1", "--out", str(work / "plain")]) == 0
     report = tmp_path / "report"
     assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--model", str(work / "plain"),
-                          "--out", str(report), "--mc-passes", "2"]) == 0
+                          "--out", str(report), "--mc-passes", "2", "--record-in-card"]) == 0
     rows = list(csv.DictReader(open(report / "ood.csv")))
     maxquery_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny"}
     plain_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny-plain"}
@@ -56,3 +56,5 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
     text = (report / "report.md").read_text()
     assert "| maxquery-tiny | maxquery |" in text and "organ" in text
     assert (report / "roc.png").stat().st_size > 1000 and (report / "pr.png").stat().st_size > 1000
+    recorded = load_model_folder(model).card.metrics
+    assert {r["score"] for r in recorded["ood"]} == maxquery_scores and "liver" in recorded["dice"]

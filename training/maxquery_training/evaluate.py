@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from maxquery.inference import Predictor
 from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, case_score, rank_auc
-from maxquery.model_folder import read_model_card
+from maxquery.model_folder import read_model_card, write_model_card
 from maxquery.scores import SCORES
 
 from .dataset import list_cases, read_case
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-passes", type=int, default=8)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--record-in-card", action="store_true",
+                        help="store each model's figures in its model card (the 'metrics' entry)")
     args = parser.parse_args(argv)
     ood_label = args.ood_label
     if ood_label is None:
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
             curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
         dice_rows.append({"model": card.name, **dice})
+        if args.record_in_card:
+            card.metrics = {"dataset": args.data.name, "margin_mm": args.margin_mm,
+                            "ood": [r for r in rows if r["model"] == card.name], "dice": dice}
+            write_model_card(folder, card)
     write_report(args.out, rows, dice_rows, curves, args.margin_mm, args.data)
     print((args.out / "report.md").read_text())
     return 0
