@@ -184,9 +184,10 @@ def save_model_folder(folder: str | Path, card: ModelCard, network: torch.nn.Mod
 def write_model_card(folder: str | Path, card: ModelCard) -> None:
     """Replace the card alone (e.g. to record evaluation figures), atomically."""
     folder = Path(folder)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False) as f:
-        json.dump(card.to_dict(), f, indent=1)
-    os.replace(f.name, folder / CARD_NAME)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        with open(os.path.join(tmp, CARD_NAME), "w") as f:
+            json.dump(card.to_dict(), f, indent=1)
+        os.replace(os.path.join(tmp, CARD_NAME), folder / CARD_NAME)
 
 
 def read_model_card(folder: str | Path) -> ModelCard:
