@@ -29,7 +29,7 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert card.calibration.score == "maxquery"
     assert np.all(np.diff(card.calibration.values) >= 0)
     assert len(card.sml_stats["mean"]) == 5 and all(s > 0 for s in card.sml_stats["std"])
-    assert card.training["epochs"] == 2 and card.training["qd_loss"] is True
+    assert card.training["epochs"] == 2 and card.training["qd_loss"] is True and card.name == "maxquery-tiny"
     # exporting again without --overwrite refuses and keeps the folder
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--out", str(out)]) == 2
     assert load_model_folder(out).card.calibration == card.calibration

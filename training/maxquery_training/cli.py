@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-qd", action="store_true", help="ablation: stage 2 without the QD loss (folder stage2_noqd)")
     export = sub.choices["export"]
     export.add_argument("--out", required=True, type=Path, help="model folder to write")
-    export.add_argument("--run", default="stage2", help="run folder in WORK to export (stage2, stage2_noqd, stage1)")
+    export.add_argument("--run", default="stage2", choices=("stage2", "stage2_noqd", "stage1"),
+                        help="run folder in WORK to export: MaxQuery, MaxQuery without QD loss, plain backbone")
     export.add_argument("--overwrite", action="store_true")
     return parser
 

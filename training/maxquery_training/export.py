@@ -33,13 +33,16 @@ from .trainer import load_checkpoint
 
 log = logging.getLogger(__name__)
 MAX_CALIBRATION_SAMPLES = 2_000_000
+SML_STATISTICS_CASES = 12  # training cases the SML statistics are gathered over
+# run folder → (architecture, QD loss used, model-name suffix); see pipeline.train_stage2's tags
+RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain")}
 
 
-def build_card(config: TrainingConfig, plan: Plan, architecture: str, training: dict) -> ModelCard:
+def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> ModelCard:
+    architecture, _, suffix = RUNS[run]
     return ModelCard(
-        name=config.name + ("" if architecture == "maxquery" and config.qd_loss else
-                            "-noqd" if architecture == "maxquery" else "-plain"),
-        architecture=architecture, network=network_config(config), classes=class_infos(config.data),
+        name=config.name + suffix, architecture=architecture, network=network_config(config),
+        classes=class_infos(config.data),
         spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(config.patch_size_zyx),
         normalization=plan.normalization, description=config.description, training=training,
     )
@@ -87,7 +90,9 @@ def export_model(
     config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan, run: str, out: Path,
     overwrite: bool = False, device: str = "auto",
 ) -> Path:
-    architecture = "plain" if run == "stage1" else "maxquery"
+    if run not in RUNS:
+        raise ValueError(f"unknown run {run!r}; choose one of {', '.join(RUNS)}")
+    architecture, qd_loss, _ = RUNS[run]
     run_dir = work_dir / run
     network = load_trained(architecture, config, run_dir)
     history = load_checkpoint(run_dir / "checkpoint.pt")["history"]
@@ -96,15 +101,15 @@ def export_model(
         "training_cases": len(list_cases(data_root, "training")),
         "validation_cases": len(list_cases(data_root, "validation")),
         "run": run, "epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
-        "qd_loss": config.qd_loss if architecture == "maxquery" else None,
+        "qd_loss": qd_loss,
         "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
     }
-    card = build_card(config, plan, architecture, training)
+    card = build_card(config, plan, run, training)
     score = "maxquery" if architecture == "maxquery" else "maxlogit"
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
-        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training")[:12], len(card.classes))
+        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training")[:SML_STATISTICS_CASES], len(card.classes))
         samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
     card.calibration = AnomalyCalibration.fit(score, samples)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)
