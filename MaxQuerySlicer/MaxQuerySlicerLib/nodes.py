@@ -168,6 +168,10 @@ def create_anomaly_volume(scene, result, name: str):
     display.SetAndObserveColorNodeID(anomaly_color_table(scene).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(*ANOMALY_WINDOW)
+    # Below the window the overlay is transparent, so the CT shows through where nothing stands out.
+    display.SetLowerThreshold(ANOMALY_WINDOW[0])
+    display.SetUpperThreshold(1.0)
+    display.ApplyThresholdOn()
     display.SetInterpolate(False)
     node.SetAttribute("MaxQuery.caseScore", repr(float(result.case_score)))
     node.SetAttribute("MaxQuery.model", f"{result.card.name} {result.card.version}")

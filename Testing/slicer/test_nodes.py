@@ -65,6 +65,7 @@ def test_anomaly_node_uses_inferno_table_and_fixed_window(scene, result):
     assert rgba[3] == 0.0  # the lowest scores are transparent over the CT
     assert not display.GetAutoWindowLevel()
     assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == nodes.ANOMALY_WINDOW
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == nodes.ANOMALY_WINDOW[0]
     assert float(node.GetAttribute("MaxQuery.caseScore")) == pytest.approx(result.case_score)
     assert nodes.create_anomaly_volume(scene, result, "anomaly").GetName() != node.GetName()  # never replaced
     assert scene.GetNodesByName(colors.ANOMALY_TABLE_NAME).GetNumberOfItems() == 1
