@@ -28,7 +28,7 @@ def focus_point(result: SegmentationResult, canonical: sitk.Image) -> tuple[int,
         index = canonical.TransformPhysicalPointToIndex(lesion.center_lps)
         if all(0 <= i < n for i, n in zip(index, canonical.GetSize())):
             return tuple(index)
-    anomaly = sitk.GetArrayViewFromImage(to_canonical(result.anomaly))
+    anomaly = sitk.GetArrayFromImage(to_canonical(result.anomaly))
     z, y, x = np.unravel_index(int(np.argmax(anomaly)), anomaly.shape)
     return int(x), int(y), int(z)
 
@@ -43,7 +43,7 @@ def write_review_png(result: SegmentationResult, path: str | Path, title: str = 
     if result.image is None:
         raise ValueError("the result does not carry its input CT; cannot draw a review picture")
     ct = to_canonical(result.image)
-    arrays = {name: sitk.GetArrayViewFromImage(to_canonical(image))
+    arrays = {name: sitk.GetArrayFromImage(to_canonical(image))
               for name, image in (("labels", result.labels), ("anomaly", result.anomaly))}
     arrays["ct"] = sitk.GetArrayViewFromImage(ct)
     arrays["anomaly"] = np.where(search_region(arrays["labels"], spacing_zyx(ct)), arrays["anomaly"], 0.0)
