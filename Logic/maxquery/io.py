@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .terminology import as_code
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -161,7 +162,7 @@ def write_segmentation_nrrd(labels: sitk.Image, classes: Sequence, path: str | P
 def _terminology_string(terminology: dict) -> str:
     """Slicer's ``TerminologyEntry`` tag: context~category~type~modifier~anatomic context~region~modifier."""
     def code(key: str) -> str:
-        return "^".join(str(v) for v in terminology.get(key, ("", "", "")))
+        return "^".join(as_code(terminology.get(key)) or ("", "", ""))
 
     return "~".join([
         terminology.get("contextName", "Segmentation category and type - 3D Slicer General Anatomy list"),

@@ -8,6 +8,8 @@ role, so every segment exported to DICOM SEG still has a valid category and type
 
 from __future__ import annotations
 
+from maxquery.terminology import as_code
+
 CONTEXT = "MaxQuery"
 ANATOMY = ("SCT", "123037004", "Anatomical Structure")
 ALTERED = ("SCT", "49755003", "Morphologically Altered Structure")
@@ -16,20 +18,6 @@ DEFAULTS = {
     "tumor": {"category": ALTERED, "type": ("SCT", "108369006", "Neoplasm")},
     "candidate": {"category": ALTERED, "type": ("SCT", "4147007", "Mass")},
 }
-
-
-def as_code(value) -> tuple[str, str, str] | None:
-    """(scheme, code, meaning) from any accepted spelling; None when absent or empty."""
-    if not value:
-        return None
-    if isinstance(value, dict):
-        keys = (("scheme", "code", "meaning"), ("CodingSchemeDesignator", "CodeValue", "CodeMeaning"))
-        for names in keys:
-            if names[1] in value:
-                return tuple(str(value.get(name, "")) for name in names)
-        raise ValueError(f"terminology code {value!r} has neither 'code' nor 'CodeValue'")
-    scheme, code, meaning = value
-    return str(scheme), str(code), str(meaning)
 
 
 def codes_for(role: str, terminology: dict | None) -> dict[str, tuple[str, str, str] | None]:

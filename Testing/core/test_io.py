@@ -59,3 +59,19 @@ def test_four_dimensional_and_bad_geometry_are_refused():
     with pytest.raises(InputError):
         image_from_array(_ct(), (1.0, 1.0, 1.0), direction=(1, 0, 0, 1, 0, 0, 0, 0, 1))
     validate_ct(image_from_array(_ct(), (0.8, 0.8, 2.5), origin=(1, 2, 3), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)))
+
+
+def test_seg_nrrd_carries_the_cards_coded_terminology(tmp_path):
+    import nrrd
+
+    from maxquery.io import write_segmentation_nrrd
+    from maxquery.model_folder import ClassInfo
+
+    liver = {"category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+             "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}}
+    classes = [ClassInfo(0, "background", "background", (0.0, 0.0, 0.0)),
+               ClassInfo(1, "liver", "organ", (0.9, 0.5, 0.4), liver)]
+    labels = sitk.GetImageFromArray(np.pad(np.ones((2, 3, 4), np.uint8), 1))
+    write_segmentation_nrrd(labels, classes, tmp_path / "s.seg.nrrd")
+    tags = nrrd.read_header(str(tmp_path / "s.seg.nrrd"))["Segment0_Tags"]
+    assert "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~" in tags
