@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--threshold", type=float, default=0.99,
                      help="calibrated anomaly threshold for the lesion table (0.99: ~1%% of inlier organ voxels above)")
     seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
-    seg.add_argument("--mirror", action="store_true", help="average over all 8 axis flips (8x slower)")
+    seg.add_argument("--mirror", action="store_true", help="average over the axis flips the model was trained with (up to 8x slower)")
     seg.add_argument("--batch-size", type=int, default=2, help="patches per forward pass (default 2)")
     return parser
 

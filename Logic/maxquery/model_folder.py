@@ -65,7 +65,8 @@ class ModelCard:
     """What a model is, how to feed it and how well it did. Stored as ``model_card.json``.
 
     ``classes`` are listed in network output order; ``spacing_zyx`` and ``patch_size_zyx`` are in
-    array order (z, y, x) after reorientation to LPS.
+    array order (z, y, x) after reorientation to LPS. ``mirror_axes`` are the array axes the model
+    was trained flipped along: the only ones test-time mirroring may use (as in nnU-Net's plans).
     """
 
     name: str
@@ -75,6 +76,7 @@ class ModelCard:
     spacing_zyx: tuple[float, float, float]
     patch_size_zyx: tuple[int, int, int]
     normalization: CTNormalization
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
     version: str = "0.1.0"
     description: str = ""
     calibration: AnomalyCalibration | None = None
@@ -97,6 +99,8 @@ class ModelCard:
         stride = self.network.total_stride
         if any(p % s for p, s in zip(self.patch_size_zyx, stride)):
             raise ModelFolderError(f"patch size {self.patch_size_zyx} is not a multiple of the network stride {stride}")
+        if not set(self.mirror_axes) <= {0, 1, 2}:
+            raise ModelFolderError(f"mirror_axes {list(self.mirror_axes)} must be array axes among 0, 1, 2")
 
     @property
     def tumor_indices(self) -> list[int]:
@@ -116,6 +120,7 @@ class ModelCard:
             "spacing_zyx": list(self.spacing_zyx),
             "patch_size_zyx": list(self.patch_size_zyx),
             "normalization": self.normalization.to_dict(),
+            "mirror_axes": list(self.mirror_axes),
             "query_groups": list(self.network.query_groups),
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "sml_stats": self.sml_stats,
@@ -146,6 +151,7 @@ class ModelCard:
                 spacing_zyx=tuple(float(s) for s in data["spacing_zyx"]),
                 patch_size_zyx=tuple(int(s) for s in data["patch_size_zyx"]),
                 normalization=CTNormalization.from_dict(data["normalization"]),
+                mirror_axes=tuple(int(a) for a in data.get("mirror_axes", (0, 1, 2))),
                 version=str(data.get("version", "0.0.0")),
                 description=data.get("description", ""),
                 calibration=AnomalyCalibration.from_dict(data["calibration"]) if data.get("calibration") else None,

@@ -21,7 +21,9 @@ from maxquery.demo import build_untrained_model
 from maxquery.errors import InputError, ResourceError, RunCancelled
 from maxquery.inference import Predictor, find_lesions
 from maxquery.inference.resources import MemoryEstimate, check_fits
-from maxquery.inference.sliding_window import gaussian_importance, patch_starts, sliding_window
+from maxquery.inference.sliding_window import (
+    gaussian_importance, mirror_axis_sets, mirrored, patch_starts, sliding_window,
+)
 from maxquery.io import read_image
 from maxquery.model_folder import load_model_folder, save_model_folder
 from maxquery.preprocessing import resample_to_spacing, to_canonical
@@ -167,6 +169,30 @@ def test_sliding_window_weights_normalise_and_patches_cover_the_volume():
     assert weights.max() == 1.0 and weights.min() > 0 and weights[8, 16, 16] == 1.0
     small = sliding_window(torch.randn(5, 7, 9), identity, 1, (16, 32, 32), pad_value=-3.0)
     assert small.shape == (1, 5, 7, 9)
+
+
+def test_mirroring_averages_the_flips_of_the_allowed_axes_only():
+    assert len(mirror_axis_sets((0, 1, 2))) == 7 and mirror_axis_sets((2,)) == ((2,),)
+    assert mirror_axis_sets(()) == ()
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 2, 3, 4)
+    ramp = torch.linspace(0, 1, 4)  # a position-dependent network: flips change its answer
+
+    def fn(v):
+        return v * ramp
+
+    expected = (fn(x) + fn(x.flip(4)).flip(4)) / 2
+    torch.testing.assert_close(mirrored(fn, mirror_axis_sets((2,)))(x), expected)
+
+
+def test_mirroring_is_refused_for_a_model_trained_without_flips(tmp_path):
+    folder = build_untrained_model(tmp_path / "m", seed=1, patch_size_zyx=PATCH, spacing_zyx=SPACING, **LIGHT)
+    loaded = load_model_folder(folder)
+    loaded.card.mirror_axes = ()
+    save_model_folder(folder, loaded.card, loaded.network, overwrite=True)
+    assert load_model_folder(folder).card.mirror_axes == ()
+    with pytest.raises(ValueError, match="trained without mirroring"):
+        Predictor(folder, device="cpu", mirror=True)
+    Predictor(folder, device="cpu")  # without mirroring it loads
 
 
 def test_calibrated_anomaly_and_case_score(ct_sm_result, predictor):

@@ -146,6 +146,7 @@ def test_corrupt_json_card(tmp_path):
         (lambda d: d["classes"][2].update(role="lesion"), "role must be one of"),
         (lambda d: d["network"].update(query_groups=[16, 4, 11]), "query_groups"),
         (lambda d: d.update(patch_size_zyx=[16, 30, 32]), "not a multiple"),
+        (lambda d: d.update(mirror_axes=[0, 3]), "mirror_axes"),
         (lambda d: d.update(normalization=[1, 2, 3, 4]), "model card is invalid"),
         (lambda d: d["classes"].__setitem__(1, "liver"), "model card is invalid"),
         (lambda d: d.update(network="small"), "model card is invalid"),

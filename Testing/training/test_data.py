@@ -4,9 +4,10 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from monai import transforms as mt
 
-from maxquery_training.augment import sample_patch
-from maxquery_training.config import DataConfig, load_config
+from maxquery_training.augment import build_augmentation, sample_patch
+from maxquery_training.config import AugmentationConfig, DataConfig, load_config
 from maxquery_training.dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
 
 
@@ -93,6 +94,13 @@ def test_foreground_oversampling_centres_on_foreground(tiny_msd, tmp_path):
     assert all(hits)
     image, label = sample_patch(case, (32, 96, 96), rng, False)  # larger than the case: padded
     assert image.shape == (32, 96, 96) and label.shape == (32, 96, 96)
+
+
+def test_augmentation_flips_only_the_configured_axes():
+    flips = [t for t in build_augmentation(AugmentationConfig(mirror_axes=[0, 1])).transforms
+             if isinstance(t, mt.RandFlipd)]
+    assert sorted(t.flipper.spatial_axis for t in flips) == [0, 1]
+    assert load_config("cpu_demo").augmentation.mirror_axes == []  # laterality kept for the demo model
 
 
 def test_config_overrides_and_unknown_keys():

@@ -53,6 +53,13 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
     dice = list(csv.DictReader(open(report / "dice.csv")))
     assert {d["model"] for d in dice} == {"maxquery-tiny", "maxquery-tiny-plain"}
     assert float(dice[0]["liver"]) > 0  # the liver is large enough to be partly found even by a tiny model
+    cases = list(csv.DictReader(open(report / "cases.csv")))
+    mine = [c for c in cases if c["model"] == "maxquery-tiny"]
+    assert len(mine) == len(cases) // 2 and {c["ood_case"] for c in mine} == {"True", "False"}
+    livers = [float(c["dice_liver"]) for c in mine if c["dice_liver"] != "nan"]
+    assert np.mean(livers) == pytest.approx(float(dice[0]["liver"]))  # the table is the mean of the rows
+    assert float(mine[0]["case_score_maxquery"]) == float(mine[0]["case_score_maxquery"])  # a number, not NaN
+    assert [c["case_score_maxquery"] for c in cases if c["model"] == "maxquery-tiny-plain"][0] == ""
     text = (report / "report.md").read_text()
     assert "| maxquery-tiny | maxquery |" in text and "organ" in text
     assert (report / "roc.png").stat().st_size > 1000 and (report / "pr.png").stat().st_size > 1000

@@ -28,7 +28,8 @@ def build_augmentation(cfg: AugmentationConfig) -> mt.Compose:
             keys=("image", "label"), sigma_range=(5, 8), magnitude_range=(50, 150), prob=cfg.elastic_prob,
             mode=("bilinear", "nearest"), padding_mode="border",
         ))
-    spatial += [mt.RandFlipd(keys=("image", "label"), prob=cfg.mirror_prob, spatial_axis=axis) for axis in range(3)]
+    spatial += [mt.RandFlipd(keys=("image", "label"), prob=cfg.mirror_prob, spatial_axis=axis)
+                for axis in cfg.mirror_axes]
     intensity = [
         mt.RandGaussianNoised(keys="image", prob=cfg.noise_prob, std=cfg.noise_std),
         mt.RandScaleIntensityd(keys="image", factors=0.25, prob=cfg.brightness_prob),

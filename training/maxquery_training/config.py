@@ -44,6 +44,9 @@ class AugmentationConfig:
     noise_prob: float = 0.1
     noise_std: float = 0.1
     mirror_prob: float = 0.5
+    # Array axes (z, y, x) = (0, 1, 2) flipped in training and, as nnU-Net does, the only ones
+    # test-time mirroring may use. Leave out x when left-right laterality matters and training is short.
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
 @dataclass

@@ -6,7 +6,8 @@ For every model and every anomaly score it can produce, OOD localisation (AUROC,
 voxels of the test splits, OOD label positive) inside the organ region and over the whole volume,
 and case-level AUC (case score = mean raw score inside the predicted tumour, paper §4.2); for every
 model the Dice per organ and inlier tumour type (OOD voxels excluded). Writes ``report.md``,
-``ood.csv``, ``dice.csv``, ``roc.png`` and ``pr.png``.
+``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice and case scores, to see where a model
+fails), ``roc.png`` and ``pr.png``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     foreground = [c.value for c in card.classes if c.role != "background"] + [ood_label]
     cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
             [(c, True) for c in list_cases(data_root, "test_ood")]
+    names = {c.value: c.name for c in card.classes}
+    case_rows = []
     for case, is_ood_case in tqdm(cases, desc=card.name):
         image, label = read_case(case)
         result = predictor.predict(image)
@@ -76,28 +79,30 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
         ood = reference == ood_label
         region = organ_region(reference, foreground, tuple(reversed(label.GetSpacing())), margin_mm)
         predicted_tumour = np.isin(predicted, tumour_values)
+        row = {"model": card.name, "case": case.case_id, "ood_case": is_ood_case}
         for name, tally in tallies.items():
             raw = sitk.GetArrayViewFromImage(result.raw_scores[name])
             tally.voxels["organ"].update(raw, ood, region)
             tally.voxels["whole"].update(raw, ood)
             tally.case_scores.append(case_score(raw, predicted_tumour))
             tally.case_is_ood.append(is_ood_case)
-        dice.update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
-    names = {c.value: c.name for c in card.classes}
-    return card, tallies, {names[v]: d for v, d in dice.mean().items()}
+            row[f"case_score_{name}"] = tally.case_scores[-1]
+        case_dice = dice.update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+        case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()})
+    return card, tallies, {names[v]: d for v, d in dice.mean().items()}, case_rows
 
 
-def write_report(out: Path, rows: list[dict], dice_rows: list[dict], curves: dict, margin_mm: float,
-                 data_root: Path) -> None:
+def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], curves: dict,
+                 margin_mm: float, data_root: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    for path, table in ((out / "ood.csv", rows), (out / "dice.csv", dice_rows)):
+    for path, table in ((out / "ood.csv", rows), (out / "dice.csv", dice_rows), (out / "cases.csv", case_rows)):
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
             writer.writeheader()
             writer.writerows(table)
     lines = [f"# Evaluation on {data_root.name}", "",
@@ -152,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if ood_label is None:
         print("maxquery-evaluate: error: the dataset has no ood_label; pass --ood-label", file=sys.stderr)
         return 2
-    rows, dice_rows, curves = [], [], {"roc": {}, "pr": {}}
+    rows, dice_rows, case_rows, curves = [], [], [], {"roc": {}, "pr": {}}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
-        card, tallies, dice = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
-                                             args.mc_passes, args.overlap, args.device)
+        card, tallies, dice, per_case = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
+                                                       args.mc_passes, args.overlap, args.device)
+        case_rows += per_case
         for name, tally in tallies.items():
             rows.append({"model": card.name, "score": name, **tally.row()})
             curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             card.metrics = {"dataset": args.data.name, "margin_mm": args.margin_mm,
                             "ood": [r for r in rows if r["model"] == card.name], "dice": dice}
             write_model_card(folder, card)
-    write_report(args.out, rows, dice_rows, curves, args.margin_mm, args.data)
+    write_report(args.out, rows, dice_rows, case_rows, curves, args.margin_mm, args.data)
     print((args.out / "report.md").read_text())
     return 0
 

@@ -44,7 +44,8 @@ def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> 
         name=config.name + suffix, architecture=architecture, network=network_config(config),
         classes=class_infos(config.data),
         spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(config.patch_size_zyx),
-        normalization=plan.normalization, description=config.description, training=training,
+        normalization=plan.normalization, mirror_axes=tuple(config.augmentation.mirror_axes),
+        description=config.description, training=training,
     )
 
 

@@ -27,7 +27,7 @@ from ..scores import ScoreContext, get_score, mc_dropout_prediction
 from .lesions import find_lesions
 from .resources import check_fits, cpu_threads, estimate_memory, select_device, torch_threads
 from .result import SegmentationResult
-from .sliding_window import ALL_MIRROR_AXES, mirrored, sliding_window
+from .sliding_window import mirror_axis_sets, mirrored, sliding_window
 
 FAST_SPACING_FACTOR = 2.0  # fast mode: twice the model spacing per axis, about 8x fewer voxels
 
@@ -55,7 +55,8 @@ class Predictor:
 
     ``scores`` are registry names (``maxquery``, ``maxquery_post``, ``msp``, ``maxlogit``, ``sml``,
     ``mc_dropout``); the score the card's calibration describes is always computed as well.
-    ``mirror`` averages over all 8 axis flips (8x slower). ``fast`` runs at
+    ``mirror`` averages over the flips along the axes the model was trained with (the card's
+    ``mirror_axes``; 8x slower for all three). ``fast`` runs at
     ``FAST_SPACING_FACTOR`` times the model spacing. ``device``: ``auto`` (CUDA, then MPS, then
     CPU), ``cpu``, ``cuda`` or ``mps``; ``fell_back_to_cpu`` tells whether an accelerator was
     wanted but none could be used.
@@ -86,6 +87,9 @@ class Predictor:
                                  f"{self.card.architecture!r}")
             if score.name == "sml" and self.card.sml_stats is None:
                 raise ValueError("the 'sml' score needs max-logit statistics that this model card lacks")
+        if mirror and not self.card.mirror_axes:
+            raise ValueError(f"the model {self.card.name!r} was trained without mirroring, so test-time "
+                             "mirroring would only hurt it; run without mirroring")
         self.spacing_zyx = tuple(s * (FAST_SPACING_FACTOR if fast else 1.0) for s in self.card.spacing_zyx)
 
     # -- public -------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class Predictor:
                     maps += [s.per_patch(sampled).unsqueeze(1) for s in stochastic]
                 return torch.cat(maps, dim=1).float().cpu()
 
-        return mirrored(predict, ALL_MIRROR_AXES) if self.mirror else predict
+        return mirrored(predict, mirror_axis_sets(self.card.mirror_axes)) if self.mirror else predict
 
     def _check_memory(self, image: sitk.Image, model_shape: Sequence[int]) -> None:
         """Pick the largest batch size (up to the requested one) that fits, or refuse."""

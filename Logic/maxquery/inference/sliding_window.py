@@ -59,7 +59,10 @@ def mirrored(fn: PatchFn, axes: Sequence[Sequence[int]]) -> PatchFn:
     return predict
 
 
-ALL_MIRROR_AXES = tuple(c for r in (1, 2, 3) for c in itertools.combinations((0, 1, 2), r))
+def mirror_axis_sets(axes: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Every non-empty combination of ``axes``: 7 flips for all three axes, none for none."""
+    axes = sorted(set(axes))
+    return tuple(c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r))
 
 
 def sliding_window(
