@@ -166,6 +166,6 @@ def _terminology_string(terminology: dict) -> str:
 
     return "~".join([
         terminology.get("contextName", "Segmentation category and type - 3D Slicer General Anatomy list"),
-        code("category"), code("type"), code("typeModifier"),
+        code("category"), code("type"), code("modifier"),
         terminology.get("anatomicContextName", ""), code("anatomicRegion"), code("anatomicRegionModifier"),
     ])

@@ -68,10 +68,11 @@ def test_seg_nrrd_carries_the_cards_coded_terminology(tmp_path):
     from maxquery.model_folder import ClassInfo
 
     liver = {"category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
-             "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}}
+             "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"},
+             "modifier": ["SCT", "7771000", "Left"]}  # the key the Slicer library reads too
     classes = [ClassInfo(0, "background", "background", (0.0, 0.0, 0.0)),
                ClassInfo(1, "liver", "organ", (0.9, 0.5, 0.4), liver)]
     labels = sitk.GetImageFromArray(np.pad(np.ones((2, 3, 4), np.uint8), 1))
     write_segmentation_nrrd(labels, classes, tmp_path / "s.seg.nrrd")
     tags = nrrd.read_header(str(tmp_path / "s.seg.nrrd"))["Segment0_Tags"]
-    assert "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~" in tags
+    assert "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~SCT^7771000^Left~" in tags
