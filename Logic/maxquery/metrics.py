@@ -94,6 +94,10 @@ class StreamingOODMetrics:
         first = int(np.searchsorted(tp / n_pos, target - 1e-12))
         return float(fp[min(first, len(fp) - 1)] / n_neg)
 
+    @property
+    def has_both_classes(self) -> bool:
+        return bool(self.positives.sum() > 0 and self.negatives.sum() > 0)
+
     def summary(self) -> dict[str, float]:
         return {"auroc": self.auroc(), "aupr": self.aupr(), "fpr95": self.fpr_at_tpr(0.95)}
 
@@ -158,10 +162,14 @@ class DiceAccumulator:
 
     def update(self, prediction: np.ndarray, reference: np.ndarray) -> dict[int, float]:
         case = {label: dice(prediction, reference, label) for label in self.labels}
+        self.add(case)
+        return case
+
+    def add(self, case: dict[int, float]) -> None:
+        """Add one case's Dice values (as ``update`` returns them), e.g. to several accumulators."""
         for label, value in case.items():
             if not np.isnan(value):
                 self.values[label].append(value)
-        return case
 
     def mean(self) -> dict[int, float]:
         return {label: float(np.mean(v)) if v else float("nan") for label, v in self.values.items()}

@@ -1,6 +1,7 @@
 """Train the tiny config, export a model folder, evaluate it: the researcher's path end to end."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -41,8 +42,8 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
                      "--run", "stage1", "--out", str(work / "plain")]) == 0
     report = tmp_path / "report"
     assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--model", str(work / "plain"),
-                          "--out", str(report), "--mc-passes", "2", "--record-in-card"]) == 0
-    rows = list(csv.DictReader(open(report / "ood.csv")))
+                          "--out", str(report), "--mc-passes", "2", "--record-in-card", "--subset", "ood=_005$"]) == 0
+    rows = [r for r in csv.DictReader(open(report / "ood.csv")) if r["cases"] == "all"]
     maxquery_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny"}
     plain_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny-plain"}
     assert maxquery_scores == {"maxquery", "maxquery_post", "msp", "maxlogit", "sml", "mc_dropout"}
@@ -50,7 +51,8 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
     for row in rows:
         for key in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "case_auc"):
             assert 0.0 <= float(row[key]) <= 1.0
-    dice = list(csv.DictReader(open(report / "dice.csv")))
+    all_dice = list(csv.DictReader(open(report / "dice.csv")))
+    dice = [d for d in all_dice if d["cases"] == "all"]
     assert {d["model"] for d in dice} == {"maxquery-tiny", "maxquery-tiny-plain"}
     assert float(dice[0]["liver"]) > 0  # the liver is large enough to be partly found even by a tiny model
     cases = list(csv.DictReader(open(report / "cases.csv")))
@@ -60,8 +62,21 @@ def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
     assert np.mean(livers) == pytest.approx(float(dice[0]["liver"]))  # the table is the mean of the rows
     assert float(mine[0]["case_score_maxquery"]) == float(mine[0]["case_score_maxquery"])  # a number, not NaN
     assert [c["case_score_maxquery"] for c in cases if c["model"] == "maxquery-tiny-plain"][0] == ""
+    # the subset holds the one OOD case: its Dice row is that case's row
+    subset_liver = [d["liver"] for d in all_dice if d["cases"] == "ood" and d["model"] == "maxquery-tiny"]
+    assert subset_liver == [c["dice_liver"] for c in mine if c["case"] == "tiny_005"]
     text = (report / "report.md").read_text()
-    assert "| maxquery-tiny | maxquery |" in text and "organ" in text
+    assert "| maxquery-tiny | all | maxquery |" in text and "| maxquery-tiny | ood | maxquery |" in text
     assert (report / "roc.png").stat().st_size > 1000 and (report / "pr.png").stat().st_size > 1000
     recorded = load_model_folder(model).card.metrics
-    assert {r["score"] for r in recorded["ood"]} == maxquery_scores and "liver" in recorded["dice"]
+    assert {r["score"] for r in recorded["ood"] if r["cases"] == "all"} == maxquery_scores
+    assert recorded["dice"]["all"]["liver"] == pytest.approx(float(dice[0]["liver"]))
+    assert recorded["subsets"] == {"ood": "_005$"}
+    json.loads((model / "model_card.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+def test_evaluate_refuses_a_malformed_subset(exported, tiny_msd, tmp_path, capsys):
+    _, model = exported
+    assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--out", str(tmp_path / "r"),
+                          "--subset", "A_only"]) == 2
+    assert "NAME=REGEX" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .dataset import list_cases, read_case
 from .regions import DEFAULT_MARGIN_MM, organ_region
 
 REGIONS = ("organ", "whole")
+ALL_CASES = "all"
 QUERY_SCORES = ("maxquery", "maxquery_post")
 
 
@@ -42,10 +44,13 @@ class ScoreTally:
     case_is_ood: list[bool] = field(default_factory=list)
 
     def row(self) -> dict[str, float]:
+        """The figures; NaN where a subset lacks OOD or inlier voxels (or cases)."""
         row = {}
         for region, metrics in self.voxels.items():
-            row.update({f"{k}_{region}": v for k, v in metrics.summary().items()})
-        row["case_auc"] = rank_auc(np.array(self.case_scores), np.array(self.case_is_ood))
+            summary = metrics.summary() if metrics.has_both_classes else dict.fromkeys(("auroc", "aupr", "fpr95"), np.nan)
+            row.update({f"{k}_{region}": v for k, v in summary.items()})
+        both_kinds = len(set(self.case_is_ood)) == 2
+        row["case_auc"] = rank_auc(np.array(self.case_scores), np.array(self.case_is_ood)) if both_kinds else np.nan
         return row
 
 
@@ -60,11 +65,15 @@ def scores_for(folder: Path, requested: list[str]) -> list[str]:
 
 
 def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_label: int, margin_mm: float,
-                   mc_passes: int, overlap: float, device: str):
+                   mc_passes: int, overlap: float, device: str, subsets: dict[str, re.Pattern] | None = None):
+    """Tallies per (case subset, score) and Dice per subset; ``all`` holds every test case and each
+    named subset the cases whose id matches its pattern (e.g. one anatomy or scanner)."""
     predictor = Predictor(folder, device=device, scores=score_names, mc_passes=mc_passes, overlap=overlap)
     card = predictor.card
-    tallies = {name: ScoreTally() for name in score_names}
-    dice = DiceAccumulator(tuple(c.value for c in card.classes if c.role != "background"))
+    subsets = {ALL_CASES: re.compile(""), **(subsets or {})}
+    tallies = {(subset, name): ScoreTally() for subset in subsets for name in score_names}
+    labels = tuple(c.value for c in card.classes if c.role != "background")
+    dice_by_subset = {subset: DiceAccumulator(labels) for subset in subsets}
     tumour_values = [c.value for c in card.classes if c.role == "tumor"]
     foreground = [c.value for c in card.classes if c.role != "background"] + [ood_label]
     cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
@@ -79,17 +88,50 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
         ood = reference == ood_label
         region = organ_region(reference, foreground, tuple(reversed(label.GetSpacing())), margin_mm)
         predicted_tumour = np.isin(predicted, tumour_values)
+        member_of = [subset for subset, pattern in subsets.items() if pattern.search(case.case_id)]
         row = {"model": card.name, "case": case.case_id, "ood_case": is_ood_case}
-        for name, tally in tallies.items():
+        for name in score_names:
             raw = sitk.GetArrayViewFromImage(result.raw_scores[name])
-            tally.voxels["organ"].update(raw, ood, region)
-            tally.voxels["whole"].update(raw, ood)
-            tally.case_scores.append(case_score(raw, predicted_tumour))
-            tally.case_is_ood.append(is_ood_case)
-            row[f"case_score_{name}"] = tally.case_scores[-1]
-        case_dice = dice.update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+            row[f"case_score_{name}"] = case_score(raw, predicted_tumour)
+            for subset in member_of:
+                tally = tallies[subset, name]
+                tally.voxels["organ"].update(raw, ood, region)
+                tally.voxels["whole"].update(raw, ood)
+                tally.case_scores.append(row[f"case_score_{name}"])
+                tally.case_is_ood.append(is_ood_case)
+        case_dice = dice_by_subset[ALL_CASES].update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+        for subset in member_of[1:]:
+            dice_by_subset[subset].add(case_dice)
         case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()})
-    return card, tallies, {names[v]: d for v, d in dice.mean().items()}, case_rows
+    dice_means = {subset: {names[v]: d for v, d in acc.mean().items()} for subset, acc in dice_by_subset.items()}
+    return card, tallies, dice_means, case_rows
+
+
+def parse_subsets(specs: list[str]) -> dict[str, re.Pattern]:
+    """``NAME=REGEX`` strings → patterns; a clear error for a malformed one."""
+    subsets = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or name == ALL_CASES:
+            raise ValueError(f"--subset {spec!r}: expected NAME=REGEX with a NAME other than {ALL_CASES!r}")
+        try:
+            subsets[name] = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--subset {spec!r}: bad regular expression ({err})") from err
+    return subsets
+
+
+def json_safe(value):
+    """NaN (an undefined figure) → None, so the card stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
+def _percent(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{100 * value:.2f}"
 
 
 def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], curves: dict,
@@ -109,19 +151,20 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
              f"OOD localisation: voxels of the test_inlier and test_ood cases, OOD label positive. 'organ' = "
              f"inside the organ and its lesions dilated by {margin_mm:g} mm; 'whole' = the whole volume. "
              "Case AUC: case score = mean raw score inside the predicted tumour (paper §4.2), test_ood vs "
-             "test_inlier cases. Values in %.", "",
-             "| model | score | AUROC organ | AUPR organ | FPR95 organ | AUROC whole | AUPR whole | FPR95 whole | case AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"test_inlier cases. 'cases': '{ALL_CASES}' or a subset given with --subset. Values in %.", "",
+             "| model | cases | score | AUROC organ | AUPR organ | FPR95 organ | AUROC whole | AUPR whole | FPR95 whole "
+             "| case AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['score']} | " + " | ".join(
-            f"{100 * r[k]:.2f}" for k in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "aupr_whole",
+        lines.append(f"| {r['model']} | {r['cases']} | {r['score']} | " + " | ".join(
+            _percent(r[k]) for k in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "aupr_whole",
                                           "fpr95_whole", "case_auc")) + " |")
-    classes = [k for k in dice_rows[0] if k != "model"]
+    classes = [k for k in dice_rows[0] if k not in ("model", "cases")]
     lines += ["", "Dice (%) per class on the test cases (OOD voxels excluded; mean over cases where the class "
               "is present in the reference or the prediction):", "",
-              "| model | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+              "| model | cases | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
     for r in dice_rows:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{100 * r[c]:.2f}" for c in classes) + " |")
+        lines.append(f"| {r['model']} | {r['cases']} | " + " | ".join(_percent(r[c]) for c in classes) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for kind, axes in (("roc", ("false positive rate", "true positive rate")), ("pr", ("recall", "precision"))):
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -148,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mc-passes", type=int, default=8)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--subset", action="append", default=[], metavar="NAME=REGEX",
+                        help="also report the cases whose id matches REGEX (repeatable), e.g. one scanner")
     parser.add_argument("--record-in-card", action="store_true",
                         help="store each model's figures in its model card (the 'metrics' entry)")
     args = parser.parse_args(argv)
@@ -157,20 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     if ood_label is None:
         print("maxquery-evaluate: error: the dataset has no ood_label; pass --ood-label", file=sys.stderr)
         return 2
+    try:
+        subsets = parse_subsets(args.subset)
+    except ValueError as err:
+        print(f"maxquery-evaluate: error: {err}", file=sys.stderr)
+        return 2
     rows, dice_rows, case_rows, curves = [], [], [], {"roc": {}, "pr": {}}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
         card, tallies, dice, per_case = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
-                                                       args.mc_passes, args.overlap, args.device)
+                                                       args.mc_passes, args.overlap, args.device, subsets)
         case_rows += per_case
-        for name, tally in tallies.items():
-            rows.append({"model": card.name, "score": name, **tally.row()})
-            curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
-            curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
-        dice_rows.append({"model": card.name, **dice})
+        for (subset, name), tally in tallies.items():
+            rows.append({"model": card.name, "cases": subset, "score": name, **tally.row()})
+            if subset == ALL_CASES:
+                curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
+                curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
+        dice_rows += [{"model": card.name, "cases": subset, **values} for subset, values in dice.items()]
         if args.record_in_card:
-            card.metrics = {"dataset": args.data.name, "margin_mm": args.margin_mm,
-                            "ood": [r for r in rows if r["model"] == card.name], "dice": dice}
+            card.metrics = json_safe({"dataset": args.data.name, "margin_mm": args.margin_mm,
+                                      "subsets": {name: pattern.pattern for name, pattern in subsets.items()},
+                                      "ood": [r for r in rows if r["model"] == card.name], "dice": dice})
             write_model_card(folder, card)
     write_report(args.out, rows, dice_rows, case_rows, curves, args.margin_mm, args.data)
     print((args.out / "report.md").read_text())
