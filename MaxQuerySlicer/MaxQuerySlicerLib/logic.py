@@ -105,15 +105,17 @@ class MaxQueryLogic:
         """Result → nodes; if any step fails, the nodes made so far are removed again."""
         base = f"{volume_node.GetName()} MaxQuery"
         created = nodes.ResultNodes(None, None, None)
+        region = nodes.candidate_region(result)
         try:
-            created.segmentation = nodes.create_segmentation(self.scene, result, volume_node, f"{base} segmentation")
-            created.anomaly = nodes.create_anomaly_volume(self.scene, result, f"{base} anomaly")
+            created.segmentation = nodes.create_segmentation(self.scene, result, volume_node, f"{base} segmentation",
+                                                             region)
+            created.anomaly = nodes.create_anomaly_volume(self.scene, result, f"{base} anomaly", region)
             created.table = nodes.create_lesion_table(self.scene, result.lesions, f"{base} candidates")
             created.folder_item = nodes.place_in_study(self.scene, volume_node, created.nodes(), base)
         except Exception:
             created.remove(self.scene)
             raise
-        self._results[created.segmentation.GetID()] = (result, nodes.candidate_region(result))
+        self._results[created.segmentation.GetID()] = (result, region)
         params.threshold = result.anomaly_threshold
         for role, node in (("InputVolume", volume_node), ("Segmentation", created.segmentation),
                            ("AnomalyVolume", created.anomaly), ("LesionTable", created.table)):

@@ -127,8 +127,9 @@ def candidate_region(result) -> np.ndarray:
     return search_region(labels, tuple(reversed(result.labels.GetSpacing())))
 
 
-def create_segmentation(scene, result, reference_node, name: str):
-    """One named, coloured segment per non-background class of the card, plus the candidates segment."""
+def create_segmentation(scene, result, reference_node, name: str, region: np.ndarray | None = None):
+    """One named, coloured segment per non-background class of the card, plus the candidates segment
+    (inside ``region``, by default ``candidate_region(result)``)."""
     ensure_converters()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
@@ -143,7 +144,7 @@ def create_segmentation(scene, result, reference_node, name: str):
     anomaly = sitk.GetArrayViewFromImage(result.anomaly)
     add_segment(node, CANDIDATE_SEGMENT_ID, CANDIDATE_NAME, CANDIDATE_COLOR, "candidate",
                 terminology.codes_for("candidate", None),
-                (anomaly >= result.anomaly_threshold) & candidate_region(result), matrix)
+                (anomaly >= result.anomaly_threshold) & (candidate_region(result) if region is None else region), matrix)
     node.SetAttribute("MaxQuery.threshold", repr(float(result.anomaly_threshold)))
     return node
 
@@ -161,9 +162,19 @@ def update_candidates(segmentation_node, anomaly_node, threshold: float, region:
     return int(mask.sum())
 
 
-def create_anomaly_volume(scene, result, name: str):
-    """The calibrated anomaly map as a scalar volume with the inferno table and a fixed window."""
-    node = add_volume(scene, sitk.Cast(result.anomaly, sitk.sitkFloat32), name)
+def create_anomaly_volume(scene, result, name: str, region: np.ndarray | None = None):
+    """The calibrated anomaly map as a scalar volume with the inferno table and a fixed window.
+
+    With ``region`` (``candidate_region``) the map is kept only there and is 0 elsewhere: the
+    calibration describes voxels in and around the organ, and over bone, air or bowel a high score
+    would only distract the reader. The raw maps of the command line keep every voxel.
+    """
+    anomaly = sitk.Cast(result.anomaly, sitk.sitkFloat32)
+    if region is not None:
+        masked = sitk.GetImageFromArray(np.where(region, sitk.GetArrayViewFromImage(anomaly), 0.0).astype(np.float32))
+        masked.CopyInformation(anomaly)
+        anomaly = masked
+    node = add_volume(scene, anomaly, name)
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(anomaly_color_table(scene).GetID())
     display.AutoWindowLevelOff()
@@ -174,6 +185,7 @@ def create_anomaly_volume(scene, result, name: str):
     display.ApplyThresholdOn()
     display.SetInterpolate(False)
     node.SetAttribute("MaxQuery.caseScore", repr(float(result.case_score)))
+    node.SetAttribute("MaxQuery.region", "organ and tumour + margin" if region is not None else "whole volume")
     node.SetAttribute("MaxQuery.model", f"{result.card.name} {result.card.version}")
     return node
 

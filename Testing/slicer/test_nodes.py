@@ -68,6 +68,11 @@ def test_anomaly_node_uses_inferno_table_and_fixed_window(scene, result):
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == nodes.ANOMALY_WINDOW[0]
     assert float(node.GetAttribute("MaxQuery.caseScore")) == pytest.approx(result.case_score)
     assert nodes.create_anomaly_volume(scene, result, "anomaly").GetName() != node.GetName()  # never replaced
+    region = nodes.candidate_region(result)
+    assert 0 < region.sum() < region.size
+    shown = geometry.array_from_node(nodes.create_anomaly_volume(scene, result, "anomaly", region))
+    full = sitk.GetArrayViewFromImage(result.anomaly)
+    assert np.array_equal(shown[region], full[region]) and not shown[~region].any()
     assert scene.GetNodesByName(colors.ANOMALY_TABLE_NAME).GetNumberOfItems() == 1
 
 
@@ -117,7 +122,8 @@ def test_exports_read_back_voxel_for_voxel(scene, ct_image, result, tmp_path):
         path = logic.export("anomaly", tmp_path / f"anomaly{suffix}", params=params)
         read = sitk.ReadImage(str(path))
         assert geometry.same_grid(read, resampled.anomaly, 1e-4)
-        assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(resampled.anomaly))
+        shown = np.where(nodes.candidate_region(resampled), sitk.GetArrayViewFromImage(resampled.anomaly), 0)
+        assert np.array_equal(sitk.GetArrayViewFromImage(read), shown)  # the map as the node holds it
 
     seg_path = logic.export("seg.nrrd", tmp_path / "result.seg.nrrd", params=params)
     segmentation = slicerio.read_segmentation(str(seg_path))
