@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def _save_cached(path: Path, item: PreprocessedCase) -> None:
         arrays["label"] = item.label
     for index, where in item.class_locations.items():
         arrays[f"loc{index}"] = where
-    tmp = path.with_suffix(".tmp.npz")
+    # A name of its own per process: DDP ranks and side-by-side runs may cache the same case at once.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
 
