@@ -20,6 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shim  # noqa: E402
 
 SLICE_VIEWS = ("Red", "Yellow", "Green")
+SLICE_TO_RAS = {  # Slicer's axial, sagittal and coronal presets (rotation part of SliceToRAS)
+    "Red": ((-1, 0, 0), (0, 1, 0), (0, 0, 1)),
+    "Yellow": ((0, 0, 1), (-1, 0, 0), (0, 1, 0)),
+    "Green": ((-1, 0, 0), (0, 0, 1), (0, 1, 0)),
+}
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +62,15 @@ def scene():
     for name in SLICE_VIEWS:
         logic = slicer.vtkMRMLSliceLogic()
         logic.SetMRMLScene(scene)
-        logic.AddSliceNode(name)
+        node = logic.AddSliceNode(name)
+        # Slicer's layout manager gives each view its preset (radiological: patient right on screen
+        # left); without the application the node starts as identity, i.e. mirrored.
+        rows = SLICE_TO_RAS[name]
+        matrix = node.GetSliceToRAS()
+        for i in range(3):
+            for j in range(3):
+                matrix.SetElement(i, j, rows[i][j])
+        node.UpdateMatrices()
         scene.slice_logics.append(logic)
     return scene
 
