@@ -168,8 +168,12 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for kind, axes in (("roc", ("false positive rate", "true positive rate")), ("pr", ("recall", "precision"))):
         fig, ax = plt.subplots(figsize=(5, 5))
-        for label, (x, y) in curves[kind].items():
-            ax.plot(x, y, label=label, linewidth=1.2)
+        models = list(dict.fromkeys(label.split("/")[0] for label in curves[kind]))
+        scores = list(dict.fromkeys(label.split("/")[1] for label in curves[kind]))
+        for label, (x, y) in curves[kind].items():  # colour = score, line style = model
+            model, score = label.split("/")
+            ax.plot(x, y, label=label, linewidth=1.2, color=f"C{scores.index(score) % 10}",
+                    linestyle=("-", "--", ":", "-.")[models.index(model) % 4])
         ax.set_xlabel(axes[0])
         ax.set_ylabel(axes[1])
         ax.set_title(f"OOD localisation ({kind.upper()}, organ region)")
