@@ -31,3 +31,8 @@ done
 "$py" -m maxquery_training.evaluate --data "$data" --model "$work/models/stage2" \
   --model "$work/models/stage2_noqd" --model "$work/models/stage1" --out "$work/report" \
   --subset "A=_A_" --subset "B=_B_" --mc-passes 4 --record-in-card
+
+# 5. The same inside the organ alone (no margin), for the analysis in README "Status of the demo model".
+"$py" -m maxquery_training.evaluate --data "$data" --model "$work/models/stage2" \
+  --model "$work/models/stage2_noqd" --out "$work/report_organ_only" --margin-mm 0 \
+  --subset "A=_A_" --scores maxquery,msp,maxlogit
