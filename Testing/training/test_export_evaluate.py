@@ -80,3 +80,13 @@ def test_evaluate_refuses_a_malformed_subset(exported, tiny_msd, tmp_path, capsy
     assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--out", str(tmp_path / "r"),
                           "--subset", "A_only"]) == 2
     assert "NAME=REGEX" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_evaluation_is_repeatable_including_mc_dropout(exported, tiny_msd, tmp_path):
+    _, model = exported
+    tables = []
+    for run in ("first", "second"):
+        assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--out", str(tmp_path / run),
+                              "--scores", "maxquery,mc_dropout", "--mc-passes", "2"]) == 0
+        tables.append((tmp_path / run / "ood.csv").read_text())
+    assert "mc_dropout" in tables[0] and tables[0] == tables[1]

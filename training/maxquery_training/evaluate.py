@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from tqdm import tqdm
 
 from maxquery.inference import Predictor
@@ -80,8 +81,9 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
             [(c, True) for c in list_cases(data_root, "test_ood")]
     names = {c.value: c.name for c in card.classes}
     case_rows = []
-    for case, is_ood_case in tqdm(cases, desc=card.name):
+    for index, (case, is_ood_case) in enumerate(tqdm(cases, desc=card.name)):
         image, label = read_case(case)
+        torch.manual_seed(index)  # MC-dropout masks: the same report from the same models
         result = predictor.predict(image)
         reference = sitk.GetArrayFromImage(label)
         predicted = sitk.GetArrayFromImage(result.labels)
