@@ -127,9 +127,9 @@ def candidate_region(result) -> np.ndarray:
     return search_region(labels, tuple(reversed(result.labels.GetSpacing())))
 
 
-def create_segmentation(scene, result, reference_node, name: str, region: np.ndarray | None = None):
+def create_segmentation(scene, result, reference_node, name: str, region: np.ndarray):
     """One named, coloured segment per non-background class of the card, plus the candidates segment
-    (inside ``region``, by default ``candidate_region(result)``)."""
+    inside ``region`` (``candidate_region(result)``, computed once by the caller)."""
     ensure_converters()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
@@ -144,7 +144,7 @@ def create_segmentation(scene, result, reference_node, name: str, region: np.nda
     anomaly = sitk.GetArrayViewFromImage(result.anomaly)
     add_segment(node, CANDIDATE_SEGMENT_ID, CANDIDATE_NAME, CANDIDATE_COLOR, "candidate",
                 terminology.codes_for("candidate", None),
-                (anomaly >= result.anomaly_threshold) & (candidate_region(result) if region is None else region), matrix)
+                (anomaly >= result.anomaly_threshold) & region, matrix)
     node.SetAttribute("MaxQuery.threshold", repr(float(result.anomaly_threshold)))
     return node
 

@@ -36,7 +36,7 @@ def test_volume_node_round_trip_keeps_geometry(scene, ct_image, make):
 
 def test_segmentation_node_has_named_coloured_segments_with_card_values(scene, ct_image, result):
     volume = nodes.add_volume(scene, ct_image, "ct")
-    seg = nodes.create_segmentation(scene, result, volume, "seg")
+    seg = nodes.create_segmentation(scene, result, volume, "seg", nodes.candidate_region(result))
     segmentation = seg.GetSegmentation()
     ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     assert ids == ["class_1", "class_2", "class_3", nodes.CANDIDATE_SEGMENT_ID]
@@ -160,7 +160,7 @@ def test_dicom_seg_export_matches_source_slices(scene, real_data, card, tmp_path
         image.CopyInformation(ct)
         images.append(image)
     result = SegmentationResult(images[0], images[1], images[1], {}, 0.1, [], card, 0.52)
-    seg_node = nodes.create_segmentation(scene, result, volume, "seg")
+    seg_node = nodes.create_segmentation(scene, result, volume, "seg", nodes.candidate_region(result))
     path = export.export_dicom_seg(seg_node, volume, files, tmp_path / "seg.dcm", model_name="test", model_version="1")
     seg = hd.seg.segread(str(path))
     assert seg.number_of_segments == 4

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How Resources/Models/maxquery-liver-demo was made (2 CPU cores; about 1.5 hours in all).
+# How Resources/Models/maxquery-liver-demo was made (2 CPU cores: about 1 hour of training, 2 hours in all).
 #   training/scripts/make_demo_model.sh [WORK_DIR]
 # Every step resumes: run it again after an interruption.
 set -euo pipefail
