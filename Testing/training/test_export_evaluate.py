@@ -90,3 +90,14 @@ def test_evaluation_is_repeatable_including_mc_dropout(exported, tiny_msd, tmp_p
                               "--scores", "maxquery,mc_dropout", "--mc-passes", "2"]) == 0
         tables.append((tmp_path / run / "ood.csv").read_text())
     assert "mc_dropout" in tables[0] and tables[0] == tables[1]
+
+
+def test_export_of_an_untrained_run_says_what_to_do(exported, tiny_msd, tmp_path, capsys):
+    work, _ = exported
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "model")]) == 2
+    assert "holds no training" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "model").exists()  # nothing made on the way
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--run", "stage2_noqd", "--out", str(tmp_path / "model")]) == 2
+    assert "train the 'stage2_noqd' run first" in capsys.readouterr().err and not (tmp_path / "model").exists()

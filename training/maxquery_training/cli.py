@@ -19,7 +19,7 @@ import yaml
 from .config import load_config
 from .dataset import DataError
 from .distributed import init_distributed, shutdown
-from .pipeline import load_split, make_plan, train_stage1, train_stage2
+from .pipeline import load_split, make_plan, read_plan, train_stage1, train_stage2
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         dist_info = init_distributed(args.device)
-        plan = make_plan(config, args.data, args.work, dist_info)
         if args.command == "train":
+            plan = make_plan(config, args.data, args.work, dist_info)
             cases = load_split(config, args.data, args.work, plan, "training").cases
             if args.stage in ("1", "all"):
                 train_stage1(config, cases, args.work, dist_info)
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .export import export_model
 
-            export_model(config, args.data, args.work, plan, args.run, args.out, args.overwrite, args.device)
+            export_model(config, args.data, args.work, read_plan(args.work), args.run, args.out, args.overwrite,
+                         args.device)
         shutdown(dist_info)
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"maxquery-train: error: {err}", file=sys.stderr)

@@ -95,6 +95,9 @@ def export_model(
         raise ValueError(f"unknown run {run!r}; choose one of {', '.join(RUNS)}")
     architecture, qd_loss, _ = RUNS[run]
     run_dir = work_dir / run
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"{run_dir / 'checkpoint.pt'} does not exist; train the {run!r} run first "
+                                "(maxquery-train train ...) or pass the --work folder it was trained in")
     network = load_trained(architecture, config, run_dir)
     history = load_checkpoint(run_dir / "checkpoint.pt")["history"]
     training = {

@@ -57,6 +57,15 @@ def make_plan(config: TrainingConfig, data_root: Path, work_dir: Path, dist_info
         work_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan.to_dict(), indent=1))
     barrier(dist_info)
+    return read_plan(work_dir)
+
+
+def read_plan(work_dir: Path) -> Plan:
+    """The plan training made; exporting must use it as it is, never compute a new one."""
+    path = work_dir / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{work_dir} holds no training ({path.name} is missing); train first "
+                                "(maxquery-train train ...) or pass the --work folder it was trained in")
     data = json.loads(path.read_text())
     return Plan(data["spacing_zyx"], CTNormalization.from_dict(data["normalization"]))
 
