@@ -1,19 +1,26 @@
 """Reading CT images (NIfTI, NRRD, MHA, DICOM series) and checking that they are CT volumes.
 
 Every reader returns a ``SimpleITK.Image``: it carries the geometry (origin, spacing, direction)
-that all outputs must reproduce exactly. ``validate_ct`` refuses, with a message a user can act
-on, what the network cannot meaningfully process.
+that all outputs must reproduce exactly. Before ITK reads a voxel, the file's own header is
+checked (``image_files``, ``dicom``): the data it promises are all there, finite, fit in memory,
+and lie on a grid that ITK represents exactly. ``validate_ct`` then refuses, with a message a user
+can act on, what the network cannot meaningfully process, and returns warnings for what it can
+process but a user should know.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import psutil
 import SimpleITK as sitk
 
-from .errors import InputError
+from .dicom import DicomSeries, check_series, find_series
+from .errors import InputError, ResourceError
+from .image_files import FileHeader, check_data, check_header, check_itk_geometry
 from .terminology import as_code
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -24,6 +31,22 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # or whose whole range is below -500 or narrower than 100 is refused.
 _HU_MIN_PLAUSIBLE = -4096.0
 _HU_MAX_PLAUSIBLE = 32767.0
+# Where a CT in HU has air, its most common air value lies near -1000 (lung a little higher).
+_AIR_MODE_HU = (-1150.0, -800.0)
+_MIN_AXIS_VOXELS = 16  # at least two axes this long: a smaller volume holds no recognisable anatomy
+_ORTHONORMAL_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the headers say about an image, before its voxels are read."""
+
+    size_xyz: tuple[int, ...]
+    spacing_xyz: tuple[float, ...]
+    direction: tuple[float, ...]
+    voxel_bytes: int  # the voxel buffer ITK will allocate
+    header: FileHeader | None = None  # the raw file header (None for DICOM)
+    series: DicomSeries | None = None
 
 
 def is_image_file(path: Path) -> bool:
@@ -40,30 +63,81 @@ def case_name(path: str | Path) -> str:
     return name
 
 
-def dicom_series(folder: Path) -> list[str]:
-    """File names of the largest DICOM series in ``folder`` (empty when there is none)."""
-    reader = sitk.ImageSeriesReader
-    series = [reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in reader.GetGDCMSeriesIDs(str(folder))]
-    return list(max(series, key=len)) if series else []
+def only_series(folder: Path) -> DicomSeries:
+    """The single DICOM series in ``folder``; refuses a folder with none or several."""
+    series = find_series(folder)
+    if not series:
+        raise InputError(f"{folder} is a folder without a DICOM series; give an image file or a DICOM folder")
+    if len(series) > 1:
+        listed = ", ".join(f"{s.uid} ({len(s.files)} files)" for s in series)
+        raise InputError(f"{folder} holds {len(series)} DICOM series ({listed}); give the folder to the command line, "
+                         f"which segments each series as a case of its own, or put each series in a folder")
+    return series[0]
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """Read an image file or a DICOM series folder; raise ``InputError`` when it cannot be read."""
+def inspect_image(path: str | Path, series: DicomSeries | None = None) -> ImageInfo:
+    """Check the headers (geometry, completeness of DICOM slices, memory for the voxels) without
+    reading the voxels; ``series`` picks one series of a DICOM folder."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
+    if path.is_dir():
+        series = series or only_series(path)
+        geometry = check_series(series)
+        info = ImageInfo(geometry.size_xyz, geometry.spacing_xyz, geometry.direction,
+                         4 * int(np.prod(geometry.size_xyz)), series=series)
+    else:
+        header = check_header(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise InputError(f"cannot read {path} as an image ({_last_line(err)})") from err
+        _check_scalar_3d(reader.GetDimension(), reader.GetNumberOfComponents())
+        if header is not None:
+            check_itk_geometry(path, header, reader)
+        size = tuple(reader.GetSize())
+        pixel_bytes = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+        voxel_bytes = int(np.prod(size, dtype=np.int64)) * reader.GetNumberOfComponents() * pixel_bytes
+        info = ImageInfo(size, tuple(reader.GetSpacing()), tuple(reader.GetDirection()), voxel_bytes, header)
+    _check_fits(path, info)
+    return info
+
+
+def read_image(path: str | Path, series: DicomSeries | None = None, info: ImageInfo | None = None) -> sitk.Image:
+    """Read an image file or a DICOM series; raise ``InputError`` when it cannot be read or its
+    header is not kept, ``ResourceError`` when its voxels cannot fit (``info``: what
+    ``inspect_image`` already found, to save inspecting twice)."""
+    path = Path(path)
+    info = info or inspect_image(path, series)
     try:
-        if path.is_dir():
-            files = dicom_series(path)
-            if not files:
-                raise InputError(f"{path} is a folder without a DICOM series; give an image file or a DICOM folder")
+        if info.series is not None:
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
+            reader.SetFileNames(list(info.series.files))
             return reader.Execute()
+        if info.header is not None:
+            check_data(path, info.header)
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise InputError(f"cannot read {path} as an image ({first_line})") from err
+        raise InputError(f"cannot read {path} as an image ({_last_line(err)})") from err
+    except OSError as err:
+        raise InputError(f"cannot read {path} ({err.strerror or err})") from err
+
+
+def _check_fits(path: Path, info: ImageInfo) -> None:
+    free = psutil.virtual_memory().available
+    if info.voxel_bytes > free:
+        size = " x ".join(str(n) for n in info.size_xyz)
+        raise ResourceError(
+            f"{path}: its header promises {size} voxels ({info.voxel_bytes / 2**30:.1f} GiB), more than the "
+            f"{free / 2**30:.1f} GiB of free memory; if the file is right, crop or downsample it first"
+        )
+
+
+def _last_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else "unknown reason"
 
 
 def image_from_array(
@@ -80,25 +154,27 @@ def image_from_array(
         image.SetOrigin([float(o) for o in origin])
         image.SetDirection([float(d) for d in np.asarray(direction, dtype=float).ravel()])
     except RuntimeError as err:
-        raise InputError(f"invalid image geometry ({str(err).strip().splitlines()[-1]})") from err
+        raise InputError(f"invalid image geometry ({_last_line(err)})") from err
     return image
 
 
-def validate_ct(image: sitk.Image) -> None:
-    """Raise ``InputError`` for a 2D/4D, vector, non-CT, NaN, constant or ill-posed image."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"expected a 3D scalar CT volume, got a {image.GetDimension()}D image with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
-        )
-    if min(image.GetSize()) < 2:
-        raise InputError(f"the volume {image.GetSize()} is a single slice; a 3D CT with several slices is needed")
+def validate_ct(image: sitk.Image) -> list[str]:
+    """Raise ``InputError`` for a 2D/4D, vector, tiny, non-CT, NaN, constant or ill-posed image;
+    return warnings (plain sentences) for what can be processed but deserves a look."""
+    _check_scalar_3d(image.GetDimension(), image.GetNumberOfComponentsPerPixel())
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"the volume {size} is a single slice; a 3D CT with several slices is needed")
+    if sorted(size)[1] < _MIN_AXIS_VOXELS:
+        raise InputError(f"the volume is only {' x '.join(map(str, size))} voxels; a CT needs at least "
+                         f"{_MIN_AXIS_VOXELS} voxels along two axes to show any anatomy")
     spacing = np.asarray(image.GetSpacing())
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"invalid voxel spacing {tuple(spacing)}: every spacing must be positive")
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-3:
-        raise InputError("the image direction matrix is singular; the file's orientation is broken")
+    if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > _ORTHONORMAL_TOLERANCE:
+        raise InputError("the image direction matrix is not orthonormal (sheared or broken axes); resample the "
+                         "image to an orthogonal grid first")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InputError("the volume contains NaN or infinite values")
@@ -110,6 +186,33 @@ def validate_ct(image: sitk.Image) -> None:
             f"intensities {low:g}..{high:g} are not CT Hounsfield units (air is about -1000, soft tissue "
             f"0-100); give a CT volume with rescaled HU values"
         )
+    return _air_warnings(array, low)
+
+
+def _check_scalar_3d(dimension: int, components: int) -> None:
+    if dimension != 3 or components != 1:
+        raise InputError(f"expected a 3D scalar CT volume, got a {dimension}D image with {components} component(s) "
+                         f"per voxel")
+
+
+def _air_warnings(array: np.ndarray, low: float) -> list[str]:
+    """Refuse a volume whose air is not near -1000 (values rescaled away from HU); warn when the
+    volume holds no air at all, so that the check could not be made."""
+    sample = array.reshape(-1)[:: max(1, array.size // 4_000_000)]
+    air = sample[sample <= -500]
+    if low <= -1500:  # a constant fill outside the field of view is no air
+        air = air[air != low]
+    if air.size < 1e-3 * sample.size:
+        return [f"the volume holds no air (its lowest value is {low:g}), so it could not be checked that its values "
+                f"are Hounsfield units; if they are not, the labels and anomaly maps are meaningless"]
+    counts, edges = np.histogram(air, bins=np.arange(_HU_MIN_PLAUSIBLE, -499.0, 25.0))
+    mode = float(edges[np.argmax(counts)] + 12.5)
+    if not _AIR_MODE_HU[0] <= mode <= _AIR_MODE_HU[1]:
+        raise InputError(
+            f"the air in this volume lies at about {mode:g} instead of -1000: its values are not Hounsfield units "
+            f"(rescaled?); give the CT with its values in HU"
+        )
+    return []
 
 
 def write_segmentation_nrrd(labels: sitk.Image, classes: Sequence, path: str | Path) -> None:

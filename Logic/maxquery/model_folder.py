@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .calibration import AnomalyCalibration
+from .errors import MaxQueryError
 from .network import ARCHITECTURES, NetworkConfig, build_network
 from .preprocessing import CTNormalization
 
@@ -32,7 +33,7 @@ FORMAT_VERSION = 1
 ROLES = ("background", "organ", "tumor")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(MaxQueryError, ValueError):
     """A model folder that is missing, corrupt or does not match its card."""
 
 

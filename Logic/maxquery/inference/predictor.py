@@ -112,11 +112,13 @@ class Predictor:
         """
         if not isinstance(image, sitk.Image):
             raise InputError(f"expected a SimpleITK image, got {type(image).__name__}")
-        validate_ct(image)
+        warnings = validate_ct(image)
         step = _Progress(progress, cancel)
         try:
             with torch_threads(self.num_threads) if self.device.type == "cpu" else contextlib.nullcontext():
-                return self._predict(image, step, cancel, anomaly_threshold)
+                result = self._predict(image, step, cancel, anomaly_threshold)
+                result.notes[:0] = warnings  # what the input check found, first
+                return result
         except (torch.OutOfMemoryError, MemoryError) as err:
             if isinstance(err, ResourceError):
                 raise

@@ -1,22 +1,32 @@
 """Writing one case's outputs: all or nothing.
 
 Files are written into a hidden temporary folder inside the output folder and moved into place
-only when every one of them was written, so an error never leaves a half-written case behind.
+only when every one of them was written and checked, so an error, a full disk or a signal never
+leaves a half-written case behind. The temporary folder names its host and process, so that one
+left by a killed process is removed by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import SimpleITK as sitk
 
+from ..errors import WriteFailed
+from ..image_files import check_header
 from ..io import write_segmentation_nrrd
 from .result import SegmentationResult
+
+STAGING_PREFIX = ".maxquery-"
 
 
 def planned_outputs(out_dir: str | Path, name: str, scores: Iterable[str], png: bool = False) -> dict[str, Path]:
@@ -45,28 +55,104 @@ def check_free(paths: dict[str, Path], overwrite: bool) -> None:
 
 def write_outputs(
     result: SegmentationResult, out_dir: str | Path, name: str, overwrite: bool = False, png: bool = False,
+    source: dict | None = None,
 ) -> dict[str, Path]:
-    """Write every output of ``result``; returns the final paths by role (see ``planned_outputs``)."""
+    """Write every output of ``result``; returns the final paths by role (see ``planned_outputs``).
+    ``source`` (input path, SeriesInstanceUID) is recorded in the summary. Raises ``WriteFailed``
+    when a file cannot be written completely; nothing of the case is then left."""
     out_dir = Path(out_dir)
     paths = planned_outputs(out_dir, name, result.raw_scores, png)
     check_free(paths, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".maxquery-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_owner()}-", dir=out_dir))
+    except OSError as err:
+        raise WriteFailed(f"cannot write into {out_dir} ({err.strerror or err}); choose another output folder") from err
     try:
         staged = {role: staging / path.name for role, path in paths.items()}
-        sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt8), str(staged["labels"]), useCompression=True)
+        write_image(sitk.Cast(result.labels, sitk.sitkUInt8), staged["labels"])
         write_segmentation_nrrd(result.labels, result.card.classes, staged["segmentation"])
-        sitk.WriteImage(sitk.Cast(result.anomaly, sitk.sitkFloat32), str(staged["anomaly"]), useCompression=True)
+        write_image(sitk.Cast(result.anomaly, sitk.sitkFloat32), staged["anomaly"])
         for score, image in result.raw_scores.items():
-            sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(staged[f"anomaly_{score}"]), useCompression=True)
-        summary = {"case": name, **result.summary(), "outputs": {r: p.name for r, p in paths.items()}}
+            write_image(sitk.Cast(image, sitk.sitkFloat32), staged[f"anomaly_{score}"])
+        summary = {"case": name, **({"input": source} if source else {}), **result.summary(),
+                   "outputs": {r: p.name for r, p in paths.items()}}
         staged["summary"].write_text(json.dumps(summary, indent=1))
         if png:
             from ..review import write_review_png
 
             write_review_png(result, staged["png"], title=name)
-        for role, path in paths.items():
-            os.replace(staged[role], path)
+        for path in staged.values():
+            _sync(path)
+        with _signals_deferred():  # a case is moved into place whole or not at all
+            for role, path in paths.items():
+                os.replace(staged[role], path)
+    except OSError as err:
+        if isinstance(err, WriteFailed):
+            raise
+        raise WriteFailed(f"writing the outputs of {name} into {out_dir} failed ({err.strerror or err}); nothing "
+                          f"of this case was kept. Free disk space or choose another output folder") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return paths
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    """Write a compressed image with ITK and check that it holds all its data: ITK's NIfTI writer
+    reports a short write (full disk) on the terminal but does not raise."""
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as err:
+        raise WriteFailed(f"ITK could not write {path.name} ({str(err).strip().splitlines()[-1]})") from err
+    header = check_header(path) if path.is_file() else None
+    if header is None or not header.is_complete():
+        raise WriteFailed(f"{path.name} was not written completely (is the disk full?)")
+
+
+def remove_stale_staging(out_dir: str | Path) -> None:
+    """Remove the temporary folders that killed runs of this host left in ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    host = _owner().rsplit("-", 1)[0]
+    for folder in out_dir.glob(f"{STAGING_PREFIX}{host}-*"):
+        pid = folder.name[len(STAGING_PREFIX) + len(host) + 1:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sync(path: Path) -> None:
+    """Flush a written file to the disk, so that a deferred write error (full disk) shows here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (main thread, POSIX); elsewhere a no-op."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
