@@ -10,7 +10,9 @@ Everything inference needs to repeat training's preprocessing lives in the card.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -31,6 +34,7 @@ CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 ROLES = ("background", "organ", "tumor")
+MAX_PATCH_VOXELS = 2**26  # 64 M voxels, 16x the largest nnU-Net patches: anything larger is a typo
 
 
 class ModelFolderError(MaxQueryError, ValueError):
@@ -86,6 +90,7 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     maxquery_version: str = __version__
     format_version: int = FORMAT_VERSION
+    weights_sha256: str | None = None  # of model.safetensors, recorded when the folder is saved
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -102,6 +107,28 @@ class ModelCard:
             raise ModelFolderError(f"patch size {self.patch_size_zyx} is not a multiple of the network stride {stride}")
         if not set(self.mirror_axes) <= {0, 1, 2}:
             raise ModelFolderError(f"mirror_axes {list(self.mirror_axes)} must be array axes among 0, 1, 2")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Values that load but cannot be right (they would give NaN maps or wrong labels)."""
+        if len(self.spacing_zyx) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing_zyx):
+            raise ModelFolderError(f"spacing_zyx {list(self.spacing_zyx)} must be three positive numbers of mm")
+        if len(self.patch_size_zyx) != 3 or min(self.patch_size_zyx) < 1 or \
+                math.prod(self.patch_size_zyx) > MAX_PATCH_VOXELS:
+            raise ModelFolderError(f"patch_size_zyx {list(self.patch_size_zyx)} must be three positive sizes of at "
+                                   f"most {MAX_PATCH_VOXELS} voxels in all")
+        values = [c.value for c in self.classes]
+        if any(not 0 <= v <= 255 for v in values) or len(set(values)) != len(values):
+            raise ModelFolderError(f"class values {values} must be distinct and within 0-255 (the labels are uint8)")
+        norm = self.normalization
+        numbers = (norm.clip_low, norm.clip_high, norm.mean, norm.std)
+        if not all(math.isfinite(v) for v in numbers) or norm.std <= 0 or norm.clip_low >= norm.clip_high:
+            raise ModelFolderError(f"the normalisation {norm.to_dict()} is impossible: it needs finite values, "
+                                   f"std > 0 and clip_low < clip_high")
+        if self.sml_stats is not None:
+            stds = self.sml_stats.get("std", []) if isinstance(self.sml_stats, dict) else []
+            if len(stds) != len(self.classes) or not all(math.isfinite(v) and v > 0 for v in stds):
+                raise ModelFolderError("sml_stats must give one positive std per class")
 
     @property
     def tumor_indices(self) -> list[int]:
@@ -127,6 +154,7 @@ class ModelCard:
             "sml_stats": self.sml_stats,
             "training": self.training,
             "metrics": self.metrics,
+            "weights_sha256": self.weights_sha256,
         }
 
     @classmethod
@@ -160,6 +188,7 @@ class ModelCard:
                 training=data.get("training", {}),
                 metrics=data.get("metrics", {}),
                 maxquery_version=data.get("maxquery_version", "unknown"),
+                weights_sha256=data.get("weights_sha256"),
             )
         except ModelFolderError:
             raise
@@ -175,7 +204,8 @@ class LoadedModel:
 
 
 def save_model_folder(folder: str | Path, card: ModelCard, network: torch.nn.Module, overwrite: bool = False) -> Path:
-    """Write weights and card; both files appear atomically (written aside, then renamed)."""
+    """Write weights and card; both files appear atomically (written aside, then renamed). The
+    weights name their model, and the card records their digest (``card.weights_sha256``)."""
     folder = Path(folder)
     if (folder / CARD_NAME).exists() and not overwrite:
         raise FileExistsError(f"{folder} already holds a model; pass overwrite=True to replace it")
@@ -183,6 +213,7 @@ def save_model_folder(folder: str | Path, card: ModelCard, network: torch.nn.Mod
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "name": card.name})
+        card.weights_sha256 = _sha256(Path(tmp) / WEIGHTS_NAME)
         os.replace(os.path.join(tmp, WEIGHTS_NAME), folder / WEIGHTS_NAME)
     write_model_card(folder, card)
     return folder
@@ -220,6 +251,8 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") ->
         raise ModelFolderError(f"{folder}: {WEIGHTS_NAME} is missing")
     try:
         state = load_file(str(weights_path), device="cpu")
+        with safe_open(str(weights_path), "pt") as f:
+            named = (f.metadata() or {}).get("name")
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelFolderError(f"{weights_path} cannot be read as safetensors ({err}); the file is corrupt") from err
     network = build_network(card.architecture, card.network)
@@ -234,5 +267,19 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") ->
             if keys
         )
         raise ModelFolderError(f"the weights in {folder} do not match the network its card describes ({details})")
+    if named != card.name:
+        raise ModelFolderError(f"the weights in {folder} are those of the model {named!r}, not of {card.name!r} that "
+                               f"the card describes; put the card and weights of one model together")
+    if card.weights_sha256 and card.weights_sha256 != _sha256(weights_path):
+        raise ModelFolderError(f"the weights in {folder} are not the ones its card was saved with (their digest "
+                               f"differs); put the card and weights of one model together")
     network.load_state_dict(state)
     return LoadedModel(card, network.to(device).eval(), folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
