@@ -30,7 +30,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maxquery-train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="maxquery-train", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("train", "export"):
@@ -40,15 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--work", required=True, type=Path, help="work directory (cache, checkpoints)")
         p.add_argument("--set", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                        help="override a config value, e.g. --set stage2.epochs=5")
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="where to train: auto (CUDA if available, else the CPU), cpu or cuda (default: auto)")
     train = sub.choices["train"]
-    train.add_argument("--stage", default="all", choices=("1", "2", "all"))
+    train.add_argument("--stage", default="all", choices=("1", "2", "all"),
+                       help="1: pre-train the backbone; 2: train MaxQuery on it; all: both (default: all)")
     train.add_argument("--no-qd", action="store_true", help="ablation: stage 2 without the QD loss (folder stage2_noqd)")
     export = sub.choices["export"]
     export.add_argument("--out", required=True, type=Path, help="model folder to write")
     export.add_argument("--run", default="stage2", choices=("stage2", "stage2_noqd", "stage1"),
                         help="run folder in WORK to export: MaxQuery, MaxQuery without QD loss, plain backbone")
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     return parser
 
 

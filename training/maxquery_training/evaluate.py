@@ -186,17 +186,20 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maxquery-evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="maxquery-evaluate", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="Decathlon dataset with test_inlier/test_ood")
     parser.add_argument("--model", required=True, type=Path, action="append", help="model folder (repeatable)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--scores", default=",".join(SCORES), help="comma-separated registry scores")
+    parser.add_argument("--out", required=True, type=Path, help="report folder (report.md, csv tables, curves)")
+    parser.add_argument("--scores", default=",".join(SCORES), help="comma-separated registry scores (default: all)")
     parser.add_argument("--ood-label", type=int, default=None, help="default: dataset.json's ood_label")
-    parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM)
-    parser.add_argument("--mc-passes", type=int, default=8)
-    parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM,
+                        help="the organ region is the organ and its lesions grown by this margin (default: %(default)s)")
+    parser.add_argument("--mc-passes", type=int, default=8,
+                        help="dropout passes of the mc_dropout score (default: %(default)s)")
+    parser.add_argument("--overlap", type=float, default=0.5,
+                        help="sliding-window overlap between patches, in [0, 1) (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--subset", action="append", default=[], metavar="NAME=REGEX",
                         help="also report the cases whose id matches REGEX (repeatable), e.g. one scanner")
     parser.add_argument("--record-in-card", action="store_true",
