@@ -472,3 +472,30 @@ def test_itk_warnings_are_off_during_a_run_and_restored(tmp_path, model_dir, ct_
     before = sitk.ProcessObject.GetGlobalWarningDisplay()
     assert run([ct_path], model_dir, tmp_path / "out") == 0
     assert seen == [False] and sitk.ProcessObject.GetGlobalWarningDisplay() == before
+
+
+@pytest.mark.parametrize("argv, options", [
+    (["train", "--help"], ("--stage", "--device")),
+    (["export", "--help"], ("--overwrite", "--device")),
+])
+def test_training_help_explains_every_option(argv, options, capsys):
+    from maxquery_training.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    text = capsys.readouterr().out
+    assert "``" not in text
+    for option in options:
+        block = text[text.index(f"  {option}"):].split("\n  --")[0]
+        assert len(block.split()) > 3, block  # the option, its metavar and a real help text
+
+
+def test_evaluation_help_gives_defaults(capsys):
+    from maxquery_training.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text
+    for option in ("--margin-mm", "--mc-passes", "--overlap", "--device"):
+        assert "(default:" in text[text.index(f"  {option}"):].split("\n  --")[0], option

@@ -151,6 +151,16 @@ def test_corrupt_json_card(tmp_path):
         (lambda d: d["classes"].__setitem__(1, "liver"), "model card is invalid"),
         (lambda d: d.update(network="small"), "model card is invalid"),
         (lambda d: d.update(calibration={"score": "maxquery", "levels": [0, 1], "values": [2, 1]}), "must not decrease"),
+        # values that load but cannot be right (issue 13, item 7)
+        (lambda d: d["normalization"].update(std=0.0), "std > 0"),
+        (lambda d: d["normalization"].update(clip_low=300.0), "clip_low < clip_high"),
+        (lambda d: d["classes"][2].update(value=1), "distinct"),
+        (lambda d: d["classes"][2].update(value=300), "within 0-255"),
+        (lambda d: d.update(spacing_zyx=[0.0, 0.8, 0.8]), "three positive"),
+        (lambda d: d.update(spacing_zyx=[-2.0, 0.8, 0.8]), "three positive"),
+        (lambda d: d.update(spacing_zyx=[0.8, 0.8]), "three positive"),
+        (lambda d: d.update(patch_size_zyx=[1024, 1024, 1024]), "at most"),
+        (lambda d: d["sml_stats"].update(std=[0.5, 0.0, 0.5]), "sml_stats"),
     ],
 )
 def test_invalid_cards_are_refused_with_the_problem_named(tmp_path, edit, message):
@@ -190,6 +200,23 @@ def test_weights_of_a_different_network_are_refused(tmp_path):
     save_model_folder(tmp_path / "plain", plain, build_network("plain", plain.network))
     (folder / WEIGHTS_NAME).write_bytes((tmp_path / "plain" / WEIGHTS_NAME).read_bytes())
     with pytest.raises(ModelFolderError, match="missing: .*unexpected: head"):
+        load_model_folder(folder)
+
+
+def test_weights_of_another_model_of_the_same_architecture_are_refused(tmp_path):
+    folder, card, _ = saved(tmp_path)
+    other = make_card()
+    other.name = "another model"
+    torch.manual_seed(1)
+    save_model_folder(tmp_path / "other", other, build_network("maxquery", other.network))
+    (folder / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ModelFolderError, match="those of the model 'another model', not of 'test model'"):
+        load_model_folder(folder)
+    # Same name (the same recipe trained twice): the card's digest of its own weights tells them apart.
+    torch.manual_seed(2)
+    save_model_folder(tmp_path / "twin", make_card(), build_network("maxquery", card.network))
+    (folder / WEIGHTS_NAME).write_bytes((tmp_path / "twin" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ModelFolderError, match="digest differs"):
         load_model_folder(folder)
 
 
