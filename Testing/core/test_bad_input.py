@@ -30,19 +30,11 @@ import SimpleITK as sitk
 from maxquery import cli
 from maxquery.cases import find_cases
 from maxquery.cli import EXIT_INTERNAL_ERROR, EXIT_RESOURCES, EXIT_USER_ERROR, main
-from maxquery.demo import build_untrained_model
 from maxquery.errors import InputError
 from maxquery.inference import Predictor
 from maxquery.io import read_image, validate_ct
 
-LIGHT = dict(features=(8, 16, 32, 64, 96), query_dim=32, ffn_dim=64)
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_untrained_model(tmp_path_factory.mktemp("bad") / "m", seed=1, spacing_zyx=(5.0, 5.0, 5.0),
-                                 patch_size_zyx=(16, 48, 48), **LIGHT)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,6 @@ import SimpleITK as sitk
 import slicerio
 
 from maxquery.cli import EXIT_USER_ERROR, main
-from maxquery.demo import build_untrained_model
-
-LIGHT = dict(features=(8, 16, 32, 64, 96), query_dim=32, ffn_dim=64)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_untrained_model(tmp_path_factory.mktemp("cli") / "m", seed=1, spacing_zyx=(5.0, 5.0, 5.0),
-                                 patch_size_zyx=(16, 48, 48), **LIGHT)
 
 
 @pytest.fixture(scope="module")
