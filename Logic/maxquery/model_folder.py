@@ -102,9 +102,10 @@ class ModelCard:
         roles = [c.role for c in self.classes]
         if roles[0] != "background" or "tumor" not in roles:
             raise ModelFolderError("the first class must be the background and at least one class must be a tumour")
-        stride = self.network.total_stride
-        if any(p % s for p, s in zip(self.patch_size_zyx, stride)):
-            raise ModelFolderError(f"patch size {self.patch_size_zyx} is not a multiple of the network stride {stride}")
+        try:
+            self.network.check_patch_size(self.patch_size_zyx)
+        except ValueError as err:
+            raise ModelFolderError(str(err)) from None
         if not set(self.mirror_axes) <= {0, 1, 2}:
             raise ModelFolderError(f"mirror_axes {list(self.mirror_axes)} must be array axes among 0, 1, 2")
         self._check_values()
@@ -129,6 +130,11 @@ class ModelCard:
             stds = self.sml_stats.get("std", []) if isinstance(self.sml_stats, dict) else []
             if len(stds) != len(self.classes) or not all(math.isfinite(v) and v > 0 for v in stds):
                 raise ModelFolderError("sml_stats must give one positive std per class")
+
+    @property
+    def foreground_values(self) -> list[int]:
+        """Label values of the organ and tumour classes (every class but the background), output order."""
+        return [c.value for c in self.classes if c.role != "background"]
 
     @property
     def tumor_indices(self) -> list[int]:

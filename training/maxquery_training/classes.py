@@ -30,11 +30,8 @@ def _fallback_color(index: int) -> tuple[float, float, float]:
 
 def class_infos(data: DataConfig) -> list[ClassInfo]:
     """Classes in network output order: background, organ(s), inlier tumour types."""
-    entries = [(data.background[0], "background", "background")]
-    entries += [(value, name, "organ") for value, name in data.organ.items()]
-    entries += [(value, name, "tumor") for value, name in data.tumors.items()]
     infos = []
-    for index, (value, name, role) in enumerate(entries):
+    for index, (value, name, role) in enumerate(data.classes):
         color, terminology = KNOWN_CLASSES.get(name.lower(), (_fallback_color(index), {}))
         if role == "background":
             color, terminology = (0.0, 0.0, 0.0), {}

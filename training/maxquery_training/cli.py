@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(config, args.data, args.work, dist_info)
             cases = load_split(config, args.data, args.work, plan, "training").cases
             if args.stage in ("1", "all"):
-                train_stage1(config, cases, args.work, dist_info)
+                train_stage1(config, plan, cases, args.work, dist_info)
             if args.stage in ("2", "all"):
-                train_stage2(config, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd")
+                train_stage2(config, plan, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd")
         else:
             from .export import export_model
 
-            export_model(config, args.data, args.work, read_plan(args.work), args.run, args.out, args.overwrite,
+            export_model(config, args.data, args.work, read_plan(args.work, config), args.run, args.out, args.overwrite,
                          args.device)
         shutdown(dist_info)
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -24,9 +24,25 @@ class DataConfig:
     skip_bad_cases: bool = False
 
     @property
+    def classes(self) -> list[tuple[int, str, str]]:
+        """(label value, name, role) in network output order: background, organ(s), tumour types.
+
+        The one definition of the class list: label values, foreground values and the model card's
+        classes all derive from it. Every value in ``background`` maps to the first class.
+        """
+        return [(self.background[0], "background", "background"),
+                *((int(v), name, "organ") for v, name in self.organ.items()),
+                *((int(v), name, "tumor") for v, name in self.tumors.items())]
+
+    @property
     def label_values(self) -> list[int]:
-        """Training label values in network output order: background, organ(s), tumour types."""
-        return [self.background[0], *self.organ, *self.tumors]
+        """Training label values in network output order (class index = position)."""
+        return [value for value, _, _ in self.classes]
+
+    @property
+    def foreground_values(self) -> list[int]:
+        """Label values of the organ and inlier tumour classes: every class but the background."""
+        return [value for value, _, role in self.classes if role != "background"]
 
 
 @dataclass
@@ -66,7 +82,10 @@ class TrainingConfig:
     description: str = ""
     network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig overrides
     network_preset: str = "paper"  # "paper" or "small" (maxquery.network.small_config)
+    # The requested patch; the plan (maxquery_training.planner) derives strides and kernel sizes
+    # from it and the spacing, and pads it to a multiple of the total stride, as nnU-Net does.
     patch_size_zyx: list[int] = field(default_factory=lambda: [64, 128, 128])
+    min_feature_map_size: int = 4  # smallest bottleneck edge (voxels) the plan pools down to (nnU-Net: 4)
     batch_size: int = 2
     foreground_oversample: float = 0.33
     qd_loss: bool = True

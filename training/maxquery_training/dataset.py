@@ -21,7 +21,9 @@ from maxquery.preprocessing import CTNormalization, resample_to_spacing, spacing
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = 255  # class index of ood_label voxels in test labels
+# The ignore label: the class index that ``ood_label`` voxels get (test splits only). The one
+# definition; the losses and the tests import it.
+IGNORE_INDEX = 255
 
 
 class DataError(ValueError):
@@ -123,7 +125,7 @@ def median_spacing(cases: list[CaseFiles]) -> list[float]:
 
 
 def compute_normalization(cases: list[CaseFiles], data: DataConfig, max_samples: int = 10_000_000) -> CTNormalization:
-    """nnU-Net's CT statistics over foreground (label > background) voxels of the training cases."""
+    """nnU-Net's CT statistics over the foreground (organ and tumour) voxels of the training cases."""
     rng = np.random.default_rng(0)
     per_case = max(1, max_samples // max(1, len(cases)))
     samples = []
@@ -134,7 +136,7 @@ def compute_normalization(cases: list[CaseFiles], data: DataConfig, max_samples:
             if data.skip_bad_cases:
                 continue
             raise
-        values = sitk.GetArrayViewFromImage(image)[~np.isin(sitk.GetArrayViewFromImage(label), data.background)]
+        values = sitk.GetArrayViewFromImage(image)[np.isin(sitk.GetArrayViewFromImage(label), data.foreground_values)]
         if values.size > per_case:
             values = rng.choice(values, per_case, replace=False)
         samples.append(values)
@@ -159,12 +161,11 @@ def preprocess_case(
     locations: dict[int, np.ndarray] = {}
     if label is not None:
         label = resample_to_spacing(label, spacing, is_label=True)
-        raw = sitk.GetArrayFromImage(label)
-        if not (raw != data.background[0]).any():
+        classes = map_labels(sitk.GetArrayFromImage(label), label_lookup(data, allow_ood), case.case_id)
+        if not classes.any():
             raise DataError(f"case {case.case_id}: the label is empty (background only)")
-        classes = map_labels(raw, label_lookup(data, allow_ood), case.case_id)
         rng = np.random.default_rng(0)
-        for index in range(1, len(data.label_values)):
+        for index in range(1, len(data.label_values)):  # the foreground classes
             where = np.argwhere(classes == index)
             if len(where) > 2000:
                 where = where[rng.choice(len(where), 2000, replace=False)]

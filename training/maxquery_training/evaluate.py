@@ -73,10 +73,10 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     card = predictor.card
     subsets = {ALL_CASES: re.compile(""), **(subsets or {})}
     tallies = {(subset, name): ScoreTally() for subset in subsets for name in score_names}
-    labels = tuple(c.value for c in card.classes if c.role != "background")
+    labels = tuple(card.foreground_values)
     dice_by_subset = {subset: DiceAccumulator(labels) for subset in subsets}
     tumour_values = [c.value for c in card.classes if c.role == "tumor"]
-    foreground = [c.value for c in card.classes if c.role != "background"] + [ood_label]
+    foreground = [*card.foreground_values, ood_label]
     cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
             [(c, True) for c in list_cases(data_root, "test_ood")]
     names = {c.value: c.name for c in card.classes}

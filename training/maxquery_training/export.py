@@ -27,7 +27,7 @@ from maxquery.model_folder import ModelCard, save_model_folder
 from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import list_cases, read_case
-from .pipeline import Plan, load_trained, network_config
+from .pipeline import Plan, load_trained
 from .regions import organ_region
 from .trainer import load_checkpoint
 
@@ -41,9 +41,9 @@ RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-n
 def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> ModelCard:
     architecture, _, suffix = RUNS[run]
     return ModelCard(
-        name=config.name + suffix, architecture=architecture, network=network_config(config),
+        name=config.name + suffix, architecture=architecture, network=plan.network,
         classes=class_infos(config.data),
-        spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(config.patch_size_zyx),
+        spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(plan.patch_size_zyx),
         normalization=plan.normalization, mirror_axes=tuple(config.augmentation.mirror_axes),
         description=config.description, training=training,
     )
@@ -72,7 +72,6 @@ def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, sco
     """Raw ``score`` at inlier voxels of the organ region of each validation case."""
     rng = np.random.default_rng(0)
     per_case = MAX_CALIBRATION_SAMPLES // max(1, len(cases))
-    foreground = [*config.data.organ, *config.data.tumors]
     samples = []
     for case in tqdm(cases, desc="calibration", leave=False):
         image, label = read_case(case)
@@ -80,7 +79,7 @@ def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, sco
         raw = sitk.GetArrayViewFromImage(result.raw_scores[score])
         reference = sitk.GetArrayViewFromImage(label)
         spacing = tuple(reversed(label.GetSpacing()))
-        values = raw[organ_region(reference, foreground, spacing)]
+        values = raw[organ_region(reference, config.data.foreground_values, spacing)]
         if values.size > per_case:
             values = rng.choice(values, per_case, replace=False)
         samples.append(values)
@@ -98,7 +97,7 @@ def export_model(
     if not (run_dir / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'checkpoint.pt'} does not exist; train the {run!r} run first "
                                 "(maxquery-train train ...) or pass the --work folder it was trained in")
-    network = load_trained(architecture, config, run_dir)
+    network = load_trained(architecture, config, plan, run_dir)
     history = load_checkpoint(run_dir / "checkpoint.pt")["history"]
     training = {
         "dataset": str(Path(data_root).name),

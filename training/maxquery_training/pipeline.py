@@ -2,7 +2,7 @@
 
 Work-directory layout (every step resumes from what is already there)::
 
-    WORK/plan.json                    spacing and CT normalisation (nnU-Net's fingerprint)
+    WORK/plan.json                    spacing, CT normalisation, planned strides/kernels/patch
     WORK/preprocessed/<split>/*.npz   cached preprocessed cases
     WORK/stage1/checkpoint.pt         the plain network (also the nnU-Net baseline)
     WORK/stage2[_<tag>]/checkpoint.pt the MaxQuery network
@@ -12,62 +12,105 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from maxquery.network import MaxQueryNet, NetworkConfig, PlainSegmentationNet, small_config
+from maxquery.network import MaxQueryNet, NetworkConfig, PlainSegmentationNet
 from maxquery.preprocessing import CTNormalization
 
 from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import PreprocessedDataset, compute_normalization, list_cases, median_spacing
 from .distributed import DistInfo, barrier
+from .planner import Topology, plan_network
 from .trainer import StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 
 
+PLAN_FILE = "plan.json"
+TOPOLOGY_KEYS = ("strides", "kernel_sizes", "patch_size_zyx")  # what plan.json records of the planner
+
+
 @dataclass(frozen=True)
 class Plan:
+    """What a run fixes from its data: target spacing, CT normalisation, and the network and patch
+    planned for that spacing (``planner``)."""
+
     spacing_zyx: list[float]
     normalization: CTNormalization
+    network: NetworkConfig
+    patch_size_zyx: tuple[int, int, int]
 
     def to_dict(self) -> dict:
-        return {"spacing_zyx": self.spacing_zyx, "normalization": self.normalization.to_dict()}
+        return {"spacing_zyx": self.spacing_zyx, "normalization": self.normalization.to_dict(),
+                **_topology_record(self.network, self.patch_size_zyx),
+                "kmax_output_strides": list(self.network.kmax_output_strides)}
 
 
-def network_config(config: TrainingConfig) -> NetworkConfig:
-    num_classes = len(config.data.label_values)
-    if config.network_preset == "small":
-        return small_config(num_classes, **config.network)
-    if config.network_preset == "paper":
-        return NetworkConfig(num_classes=num_classes, **config.network)
-    raise ValueError(f"network_preset must be 'paper' or 'small', got {config.network_preset!r}")
+def _topology_record(network: NetworkConfig, patch_size_zyx) -> dict:
+    return {"strides": [list(s) for s in network.strides], "kernel_sizes": [list(k) for k in network.kernel_sizes],
+            "patch_size_zyx": list(patch_size_zyx)}
 
 
 def make_plan(config: TrainingConfig, data_root: Path, work_dir: Path, dist_info: DistInfo) -> Plan:
-    """Target spacing (configured or median) and CT normalisation; computed once, by rank 0."""
-    path = work_dir / "plan.json"
-    if dist_info.is_main and not path.is_file():
-        cases = list_cases(data_root, "training")
-        spacing = config.data.spacing_zyx or median_spacing(cases)
-        plan = Plan(list(spacing), compute_normalization(cases, config.data))
+    """Spacing (configured, or the median from the image headers), then the network planned for it,
+    which refuses a config that cannot train before any image is read; then the CT normalisation.
+
+    Spacing and normalisation are computed once, by rank 0, and kept in ``plan.json``; the network
+    is planned again on every run from the recorded spacing and must match what is recorded.
+    """
+    path = work_dir / PLAN_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if recorded is None:
+        spacing = list(config.data.spacing_zyx or median_spacing(list_cases(data_root, "training")))
+    else:
+        spacing = recorded["spacing_zyx"]
+    network, topology = _planned(config, spacing, recorded, path)
+    if dist_info.is_main and (recorded is None or "strides" not in recorded):
+        normalization = (CTNormalization.from_dict(recorded["normalization"]) if recorded
+                         else compute_normalization(list_cases(data_root, "training"), config.data))
+        plan = Plan(spacing, normalization, network, topology.patch_size_zyx)
         work_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan.to_dict(), indent=1))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # side-by-side runs may write it at once
+        tmp.write_text(json.dumps(plan.to_dict(), indent=1))
+        tmp.replace(path)
+        log.info("plan: spacing %s mm, patch %s, strides %s, kernel sizes %s, kMaX blocks at output strides %s",
+                 spacing, list(plan.patch_size_zyx), [list(s) for s in network.strides],
+                 [list(k) for k in network.kernel_sizes], list(network.kmax_output_strides))
     barrier(dist_info)
-    return read_plan(work_dir)
+    return read_plan(work_dir, config)
 
 
-def read_plan(work_dir: Path) -> Plan:
-    """The plan training made; exporting must use it as it is, never compute a new one."""
-    path = work_dir / "plan.json"
+def read_plan(work_dir: Path, config: TrainingConfig) -> Plan:
+    """The plan training made; exporting must use it as it is, never compute a new one.
+
+    A plan.json written before planning existed holds no topology; it is planned from its spacing.
+    """
+    path = work_dir / PLAN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{work_dir} holds no training ({path.name} is missing); train first "
                                 "(maxquery-train train ...) or pass the --work folder it was trained in")
     data = json.loads(path.read_text())
-    return Plan(data["spacing_zyx"], CTNormalization.from_dict(data["normalization"]))
+    network, topology = _planned(config, data["spacing_zyx"], data, path)
+    return Plan(data["spacing_zyx"], CTNormalization.from_dict(data["normalization"]), network,
+                topology.patch_size_zyx)
+
+
+def _planned(config: TrainingConfig, spacing, recorded: dict | None, path: Path) -> tuple[NetworkConfig, Topology]:
+    """The network planned for ``spacing``; refuses a config whose plan differs from the recorded one."""
+    network, topology = plan_network(config, spacing)
+    if recorded is not None and "strides" in recorded:
+        now = _topology_record(network, topology.patch_size_zyx)
+        before = {key: recorded[key] for key in TOPOLOGY_KEYS}
+        if now != before:
+            raise ValueError(f"{path} was planned as {before}, but the config now plans {now}; train in a new "
+                             "--work folder, or restore the config's patch_size_zyx, min_feature_map_size "
+                             "and network")
+    return network, topology
 
 
 def load_split(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan, split: str) -> PreprocessedDataset:
@@ -75,47 +118,42 @@ def load_split(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Pl
                                plan.normalization, allow_ood=split.startswith("test"))
 
 
-def check_patch(config: TrainingConfig, net: NetworkConfig) -> None:
-    stride = net.total_stride
-    if any(p % s for p, s in zip(config.patch_size_zyx, stride)):
-        raise ValueError(f"patch_size_zyx {config.patch_size_zyx} must be a multiple of the network stride {stride}")
+def planned_config(config: TrainingConfig, plan: Plan) -> TrainingConfig:
+    """The config with the planned (padded) patch, which the trainer samples."""
+    return replace(config, patch_size_zyx=list(plan.patch_size_zyx))
 
 
-def train_stage1(config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo) -> PlainSegmentationNet:
-    net_cfg = network_config(config)
-    check_patch(config, net_cfg)
+def train_stage1(config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo) -> PlainSegmentationNet:
     seed_everything(config.seed)
-    model = PlainSegmentationNet(net_cfg)
-    trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1, config,
-                           cases, work_dir / "stage1", dist_info)
+    model = PlainSegmentationNet(plan.network)
+    trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1,
+                           planned_config(config, plan), cases, work_dir / "stage1", dist_info)
     trainer.train()
     return model
 
 
 def train_stage2(
-    config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo, tag: str = ""
+    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, tag: str = ""
 ) -> MaxQueryNet:
     """MaxQuery on the stage-1 backbone. ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
-    net_cfg = network_config(config)
     stage1 = work_dir / "stage1" / "checkpoint.pt"
     if not stage1.is_file():
         raise FileNotFoundError(f"stage 2 starts from the stage-1 backbone, but {stage1} does not exist; run stage 1 first")
     seed_everything(config.seed + 1)
-    model = MaxQueryNet(net_cfg)
+    model = MaxQueryNet(plan.network)
     plain_state = load_checkpoint(stage1)["model"]
     backbone_state = {k.removeprefix("backbone."): v for k, v in plain_state.items() if k.startswith("backbone.")}
     model.backbone.load_state_dict(backbone_state)
     roles = [c.role for c in class_infos(config.data)]
-    loss = build_loss("maxquery", config, roles, net_cfg.query_groups)
+    loss = build_loss("maxquery", config, roles, plan.network.query_groups)
     out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
-    StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, config, cases, out,
-                 dist_info, backbone=model.backbone).train()
+    StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, planned_config(config, plan),
+                 cases, out, dist_info, backbone=model.backbone).train()
     return model
 
 
-def load_trained(architecture: str, config: TrainingConfig, run_dir: Path) -> torch.nn.Module:
-    net_cfg = network_config(config)
-    model = MaxQueryNet(net_cfg) if architecture == "maxquery" else PlainSegmentationNet(net_cfg)
+def load_trained(architecture: str, config: TrainingConfig, plan: Plan, run_dir: Path) -> torch.nn.Module:
+    model = MaxQueryNet(plan.network) if architecture == "maxquery" else PlainSegmentationNet(plan.network)
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state["epoch"] < (config.stage2 if architecture == "maxquery" else config.stage1).epochs:
         log.warning("%s has only %d epochs; exporting an unfinished model", run_dir, state["epoch"])

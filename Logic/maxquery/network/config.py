@@ -24,8 +24,10 @@ class NetworkConfig:
     """Architecture of the MaxQuery network (paper §3.1, §4.2) and of its plain-backbone twin.
 
     ``kmax_levels`` are the pixel-decoder levels (0 = full resolution) that feed one kMaX block
-    each, coarse to fine. With isotropic strides of 2 a level ``L`` has output stride ``2**L``, so
-    the paper's output strides 32, 16, 8, 4 are levels (5, 4, 3, 2).
+    each, coarse to fine. A level's output stride is the largest of its per-axis strides: on
+    anisotropic CT, where the training planner pools z less often (``maxquery_training.planner``),
+    that is the in-plane stride, ``2**L`` at level ``L``; so the paper's output strides 32, 16, 8, 4
+    are levels (5, 4, 3, 2) whether or not z is pooled at every stage.
     """
 
     in_channels: int = 1
@@ -54,6 +56,10 @@ class NetworkConfig:
                 f"features, kernel_sizes and strides need one entry per stage; got "
                 f"{n_stages}, {len(self.kernel_sizes)} and {len(self.strides)}"
             )
+        if any(k < 1 or k % 2 == 0 for kernel in self.kernel_sizes for k in kernel):
+            raise ValueError(f"kernel_sizes {self.kernel_sizes} must be odd and positive, so that a stage keeps its size")
+        if any(s < 1 for stride in self.strides for s in stride):
+            raise ValueError(f"strides {self.strides} must be positive")
         if self.strides and self.strides[0] != (1, 1, 1):
             raise ValueError(
                 f"the first stage must have stride (1, 1, 1) so that Z and R come out at the input "
@@ -74,12 +80,30 @@ class NetworkConfig:
             raise ValueError(f"query_dim={self.query_dim} must be divisible by num_heads={self.num_heads}")
 
     @property
-    def total_stride(self) -> tuple[int, int, int]:
-        """Product of the strides per axis: patch sizes must be multiples of it."""
-        total = [1, 1, 1]
+    def level_strides(self) -> tuple[tuple[int, int, int], ...]:
+        """Per level (0 = full resolution), its stride per axis (z, y, x) relative to the input."""
+        levels, total = [], (1, 1, 1)
         for stride in self.strides:
-            total = [t * s for t, s in zip(total, stride)]
-        return tuple(total)
+            total = tuple(t * s for t, s in zip(total, stride))
+            levels.append(total)
+        return tuple(levels)
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        """The bottleneck's stride per axis: patch sizes must be multiples of it."""
+        return self.level_strides[-1]
+
+    @property
+    def kmax_output_strides(self) -> tuple[int, ...]:
+        """Output stride of each kMaX block's level (its largest per-axis stride), coarse to fine."""
+        return tuple(max(self.level_strides[level]) for level in self.kmax_levels)
+
+    def check_patch_size(self, patch_size_zyx: Sequence[int]) -> None:
+        """The one patch/stride check (training plan and model card): every level must tile the patch."""
+        stride = self.total_stride
+        if len(patch_size_zyx) != 3 or any(p < 1 or p % s for p, s in zip(patch_size_zyx, stride)):
+            raise ValueError(f"patch size {list(patch_size_zyx)} is not a multiple of the network stride "
+                             f"{list(stride)} (z, y, x); choose a patch whose every axis is a multiple of it")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
