@@ -272,26 +272,6 @@ def test_plain_segmentation_net_output_shape():
         build_network("unet3000", tiny())
 
 
-def test_paper_defaults():
-    """§4.2: four blocks at output strides 32, 16, 8, 4; 8 heads; N = 32 in groups (16, 4, 12); drop path 0.2."""
-    config = NetworkConfig()
-    strides = []
-    for level in config.kmax_levels:
-        total = 1
-        for stride in config.strides[: level + 1]:
-            total *= stride[0]
-        strides.append(total)
-    assert strides == [32, 16, 8, 4]
-    assert (config.num_queries, config.query_groups, config.num_heads) == (32, (16, 4, 12), 8)
-    assert config.drop_path == pytest.approx(0.2)
-    net = MaxQueryNet(config)
-    assert len(net.blocks) == 4
-    assert all(block.self_attn.num_heads == 8 for block in net.blocks)
-    assert net.queries.shape == (1, 32, config.query_dim)
-    rates = [block.drop_path.prob for block in net.blocks]
-    assert rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
-
-
 # ---------------------------------------------------------------- drop path
 
 

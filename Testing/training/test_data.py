@@ -8,7 +8,9 @@ from monai import transforms as mt
 
 from maxquery_training.augment import build_augmentation, sample_patch
 from maxquery_training.config import AugmentationConfig, DataConfig, load_config
-from maxquery_training.dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
+from maxquery_training.classes import class_infos
+from maxquery_training.dataset import (IGNORE_INDEX, DataError, PreprocessedDataset, compute_normalization, label_lookup,
+                                       list_cases, median_spacing)
 
 
 def _copy(tiny_msd, tmp_path):
@@ -37,7 +39,31 @@ def test_preprocessed_cases_are_cached_and_mapped(tiny_msd, tmp_path):
 
 def test_ood_label_only_allowed_in_test_splits(tiny_msd, tmp_path):
     ds = _dataset(tiny_msd, tmp_path, split="test_ood")
-    assert (ds.cases[0].label == 255).any()
+    assert (ds.cases[0].label == IGNORE_INDEX).any()
+    with pytest.raises(DataError, match=r"tiny_005.*\[9\]"):  # never in training labels
+        PreprocessedDataset(tiny_msd, "test_ood", DataConfig(), tmp_path / "strict", [3.0, 3.0, 3.0],
+                            compute_normalization(list_cases(tiny_msd)[-1:], DataConfig()), allow_ood=False)
+
+
+def test_one_class_list_in_network_output_order():
+    data = DataConfig(background=[0, 7], organ={1: "liver"}, tumors={3: "hcc", 2: "cyst"})
+    assert data.label_values == [0, 1, 3, 2] and data.foreground_values == [1, 3, 2]
+    assert [(c.value, c.name, c.role) for c in class_infos(data)] == data.classes
+    table = label_lookup(data, allow_ood=False)
+    assert [table[v] for v in (0, 7, 1, 3, 2)] == [0, 0, 1, 2, 3]
+
+
+def test_a_label_of_background_values_only_is_empty(tiny_msd, tmp_path):
+    """Every value in data.background is background: a label holding only those is empty."""
+    root = _copy(tiny_msd, tmp_path)
+    path = root / "labelsTr" / "tiny_000.nii.gz"
+    label = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(label)
+    only_background = sitk.GetImageFromArray(np.where(array > 0, 7, 0).astype(np.uint8))
+    only_background.CopyInformation(label)
+    sitk.WriteImage(only_background, str(path))
+    with pytest.raises(DataError, match="tiny_000.*empty"):
+        _dataset(root, tmp_path, DataConfig(background=[0, 7]))
 
 
 def test_missing_file_names_the_case(tiny_msd, tmp_path):
