@@ -9,8 +9,9 @@ from monai import transforms as mt
 from maxquery_training.augment import build_augmentation, sample_patch
 from maxquery_training.config import AugmentationConfig, DataConfig, load_config
 from maxquery_training.classes import class_infos
-from maxquery_training.dataset import (IGNORE_INDEX, DataError, PreprocessedDataset, compute_normalization, label_lookup,
-                                       list_cases, median_spacing)
+from maxquery_training.dataset import (
+    IGNORE_INDEX, DataError, PreprocessedDataset, compute_normalization, label_lookup, list_cases, median_spacing,
+)
 
 
 def _copy(tiny_msd, tmp_path):

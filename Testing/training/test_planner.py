@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maxquery.model_folder import read_model_card
-from maxquery.network import MaxQueryNet, PlainSegmentationNet
+from maxquery.network import MaxQueryNet, NetworkConfig, PlainSegmentationNet
 from maxquery_training import cli
 from maxquery_training.config import CONFIG_DIR, load_config
 from maxquery_training.distributed import DistInfo
@@ -147,3 +147,9 @@ def test_plan_is_recorded_kept_and_checked(tiny_msd, tmp_path):
     # a config that now plans otherwise is refused, not silently mixed with the recorded run
     with pytest.raises(ValueError, match="was planned as"):
         make_plan(load_config("tiny", {"patch_size_zyx": [8, 32, 32]}), tiny_msd, tmp_path, ONE_PROCESS)
+
+
+def test_network_config_refuses_kernels_that_change_the_size():
+    network, _ = plan_network(load_config("tiny"), (3.0, 3.0, 3.0))
+    with pytest.raises(ValueError, match="must be odd"):
+        NetworkConfig.from_dict({**network.to_dict(), "kernel_sizes": [[1, 2, 2], 3, 3]})

@@ -123,7 +123,9 @@ def planned_config(config: TrainingConfig, plan: Plan) -> TrainingConfig:
     return replace(config, patch_size_zyx=list(plan.patch_size_zyx))
 
 
-def train_stage1(config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo) -> PlainSegmentationNet:
+def train_stage1(
+    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo
+) -> PlainSegmentationNet:
     seed_everything(config.seed)
     model = PlainSegmentationNet(plan.network)
     trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1,

@@ -57,7 +57,8 @@ class NetworkConfig:
                 f"{n_stages}, {len(self.kernel_sizes)} and {len(self.strides)}"
             )
         if any(k < 1 or k % 2 == 0 for kernel in self.kernel_sizes for k in kernel):
-            raise ValueError(f"kernel_sizes {self.kernel_sizes} must be odd and positive, so that a stage keeps its size")
+            raise ValueError(f"kernel_sizes {self.kernel_sizes} must be odd and positive, so that a stage "
+                             "keeps its size")
         if any(s < 1 for stride in self.strides for s in stride):
             raise ValueError(f"strides {self.strides} must be positive")
         if self.strides and self.strides[0] != (1, 1, 1):
