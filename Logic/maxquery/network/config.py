@@ -102,7 +102,7 @@ class NetworkConfig:
     def check_patch_size(self, patch_size_zyx: Sequence[int]) -> None:
         """The one patch/stride check (training plan and model card): every level must tile the patch."""
         stride = self.total_stride
-        if len(patch_size_zyx) != 3 or any(p < 1 or p % s for p, s in zip(patch_size_zyx, stride)):
+        if any(p % s for p, s in zip(patch_size_zyx, stride)):
             raise ValueError(f"patch size {list(patch_size_zyx)} is not a multiple of the network stride "
                              f"{list(stride)} (z, y, x); choose a patch whose every axis is a multiple of it")
 
