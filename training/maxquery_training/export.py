@@ -1,7 +1,7 @@
 """Turn a trained run into a model folder: card, weights, SML statistics and anomaly calibration.
 
-SML needs the mean and standard deviation of the max logit per predicted class over training
-voxels (Jung et al. 2021). The calibration stores quantiles of the raw anomaly score over inlier
+SML needs the mean and standard deviation of the max logit per predicted class over the voxels
+of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The calibration stores quantiles of the raw anomaly score over inlier
 validation voxels inside the organ region (``regions.organ_region``), so the calibrated score of
 a voxel reads as the fraction of inlier organ voxels scoring lower. Both come from the same
 predictor a user runs, so they match inference exactly.
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from maxquery.calibration import AnomalyCalibration
 from maxquery.inference import Predictor
 from maxquery.model_folder import ModelCard, save_model_folder
+from maxquery.scores import SML_MIN_CLASS_VOXELS, MaxLogitStatistics
 
 from .classes import class_infos
 from .config import TrainingConfig
@@ -33,7 +34,6 @@ from .trainer import load_checkpoint
 
 log = logging.getLogger(__name__)
 MAX_CALIBRATION_SAMPLES = 2_000_000
-SML_STATISTICS_CASES = 12  # training cases the SML statistics are gathered over
 # run folder → (architecture, QD loss used, model-name suffix); see pipeline.train_stage2's tags
 RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain")}
 
@@ -49,23 +49,21 @@ def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> 
     )
 
 
-def sml_statistics(predictor: Predictor, cases, num_classes: int) -> dict:
-    """Per predicted class: mean and std of the max logit over the training voxels."""
-    sums, squares, counts = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
-    value_to_index = {c.value: i for i, c in enumerate(predictor.card.classes)}
+def sml_statistics(predictor: Predictor, cases) -> dict:
+    """Per predicted class: voxels, mean and std of the max logit over every training case."""
+    statistics = MaxLogitStatistics(len(predictor.card.classes))
+    index_of_value = np.zeros(256, np.intp)
+    index_of_value[[c.value for c in predictor.card.classes]] = np.arange(len(predictor.card.classes))
     for case in tqdm(cases, desc="SML statistics", leave=False):
         image, _ = read_case(case)
         result = predictor.predict(image)
-        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"]).astype(np.float64)
-        labels = sitk.GetArrayViewFromImage(result.labels)
-        for value, index in value_to_index.items():
-            values = max_logit[labels == value]
-            sums[index] += values.sum()
-            squares[index] += (values**2).sum()
-            counts[index] += values.size
-    mean = sums / np.maximum(counts, 1)
-    std = np.sqrt(np.maximum(squares / np.maximum(counts, 1) - mean**2, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist(), "voxels": counts.astype(int).tolist()}
+        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"])
+        statistics.update(max_logit, index_of_value[sitk.GetArrayViewFromImage(result.labels)])
+    stats = statistics.to_dict()
+    if stats["fallback"]:
+        names = [predictor.card.classes[i].name for i in stats["fallback"]]
+        log.info("SML: %s use the pooled statistics (fewer than %d voxels or no spread)", names, SML_MIN_CLASS_VOXELS)
+    return stats
 
 
 def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, score: str) -> np.ndarray:
@@ -113,7 +111,7 @@ def export_model(
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
-        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training")[:SML_STATISTICS_CASES], len(card.classes))
+        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
         samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
     card.calibration = AnomalyCalibration.fit(score, samples)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)

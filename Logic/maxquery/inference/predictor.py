@@ -151,7 +151,7 @@ class Predictor:
         step("postprocessing")
         indices = maps[:k].argmax(dim=0).numpy().astype(np.uint8)
         label_values = np.asarray([c.value for c in self.card.classes], np.uint8)[indices]
-        context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats)
+        context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing_zyx=self.spacing_zyx)
         raw = {}
         for i, score in enumerate(self.scores):
             aggregated = maps[k + i].numpy()
