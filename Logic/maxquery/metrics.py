@@ -177,15 +177,20 @@ def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def case_score(anomaly: np.ndarray, tumour_mask: np.ndarray) -> float:
-    """Case-level anomaly (paper §4.2): the mean anomaly inside the predicted tumour region.
+def case_score(raw: np.ndarray, tumour_mask: np.ndarray) -> float:
+    """Case-level anomaly (paper §4.2): the mean raw score inside the predicted tumour region.
 
-    A case with no predicted tumour voxel scores the minimum of its anomaly map: nothing to flag.
+    The one definition: the predictor takes it on the model grid, where the network ran, so the
+    figure does not depend on the input's voxel size, for every score
+    (``SegmentationResult.case_scores``); the evaluation's case-level AUC ranks these. The case
+    score a user sees (summary, Slicer) is the same value on the anomaly map's scale: calibrated
+    (monotone, so the ranking of cases is unchanged), or per-case min-max without calibration.
+    A case with no predicted tumour voxel scores the minimum of its map: nothing to flag.
     """
     tumour_mask = np.asarray(tumour_mask, dtype=bool)
     if not tumour_mask.any():
-        return float(np.min(anomaly))
-    return float(np.mean(anomaly[tumour_mask]))
+        return float(np.min(raw))
+    return float(np.mean(raw[tumour_mask], dtype=np.float64))
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, label: int) -> float:

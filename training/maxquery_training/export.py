@@ -28,24 +28,32 @@ from maxquery.scores import SML_MIN_CLASS_VOXELS, MaxLogitStatistics
 from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import list_cases, read_case
-from .pipeline import Plan, load_trained, network_config
+from .pipeline import MC_DROPOUT_RUN, Plan, load_trained, run_network_config
 from .regions import organ_region
 from .trainer import load_checkpoint
 
 log = logging.getLogger(__name__)
 MAX_CALIBRATION_SAMPLES = 2_000_000
 # run folder → (architecture, QD loss used, model-name suffix); see pipeline.train_stage2's tags
-RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain")}
+RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain"),
+        MC_DROPOUT_RUN: ("plain", None, "-mc-dropout")}
+MC_DROPOUT_DESCRIPTION = ("MC-dropout baseline (Kendall & Gal 2017; MaxQuery paper, Tab. 1): the plain network "
+                          "trained with dropout {p:g}; its anomaly score is the predictive entropy over stochastic "
+                          "passes (mc_dropout). Not a MaxQuery model.")
 
 
 def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> ModelCard:
     architecture, _, suffix = RUNS[run]
+    network = run_network_config(config, run)
+    if run == MC_DROPOUT_RUN:
+        training = training | {"baseline": MC_DROPOUT_RUN}
     return ModelCard(
-        name=config.name + suffix, architecture=architecture, network=network_config(config),
+        name=config.name + suffix, architecture=architecture, network=network,
         classes=class_infos(config.data),
         spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(config.patch_size_zyx),
         normalization=plan.normalization, mirror_axes=tuple(config.augmentation.mirror_axes),
-        description=config.description, training=training,
+        description=MC_DROPOUT_DESCRIPTION.format(p=network.dropout) if run == MC_DROPOUT_RUN else config.description,
+        training=training,
     )
 
 
@@ -107,11 +115,14 @@ def export_model(
         "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
     }
     card = build_card(config, plan, run, training)
-    score = "maxquery" if architecture == "maxquery" else "maxlogit"
+    # the baseline's anomaly map is its own method's score, calibrated like MaxQuery's
+    score = "maxquery" if architecture == "maxquery" else "mc_dropout" if run == MC_DROPOUT_RUN else "maxlogit"
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
-        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
+        if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only
+            card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
+        torch.manual_seed(0)  # the baseline's dropout masks: the same calibration from the same run
         samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
     card.calibration = AnomalyCalibration.fit(score, samples)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)

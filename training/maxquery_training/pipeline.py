@@ -6,13 +6,14 @@ Work-directory layout (every step resumes from what is already there)::
     WORK/preprocessed/<split>/*.npz   cached preprocessed cases
     WORK/stage1/checkpoint.pt         the plain network (also the nnU-Net baseline)
     WORK/stage2[_<tag>]/checkpoint.pt the MaxQuery network
+    WORK/mc_dropout/checkpoint.pt     the MC-dropout baseline: stage 1's recipe with dropout
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .distributed import DistInfo, barrier
 from .trainer import StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
+MC_DROPOUT_RUN = "mc_dropout"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ def network_config(config: TrainingConfig) -> NetworkConfig:
     if config.network_preset == "paper":
         return NetworkConfig(num_classes=num_classes, **config.network)
     raise ValueError(f"network_preset must be 'paper' or 'small', got {config.network_preset!r}")
+
+
+def run_network_config(config: TrainingConfig, run: str) -> NetworkConfig:
+    """The network of a run folder: only the MC-dropout baseline has dropout (``mc_dropout.dropout``)."""
+    net = network_config(config)
+    return replace(net, dropout=config.mc_dropout.dropout) if run == MC_DROPOUT_RUN else net
 
 
 def make_plan(config: TrainingConfig, data_root: Path, work_dir: Path, dist_info: DistInfo) -> Plan:
@@ -81,13 +89,15 @@ def check_patch(config: TrainingConfig, net: NetworkConfig) -> None:
         raise ValueError(f"patch_size_zyx {config.patch_size_zyx} must be a multiple of the network stride {stride}")
 
 
-def train_stage1(config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo) -> PlainSegmentationNet:
-    net_cfg = network_config(config)
+def train_stage1(config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo,
+                 run: str = "stage1") -> PlainSegmentationNet:
+    """The plain network; ``run="mc_dropout"`` trains the MC-dropout baseline with the same recipe."""
+    net_cfg = run_network_config(config, run)
     check_patch(config, net_cfg)
     seed_everything(config.seed)
     model = PlainSegmentationNet(net_cfg)
-    trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1, config,
-                           cases, work_dir / "stage1", dist_info)
+    trainer = StageTrainer(run, model, build_loss("plain", config, [], ()), config.stage1, config,
+                           cases, work_dir / run, dist_info)
     trainer.train()
     return model
 
@@ -114,7 +124,7 @@ def train_stage2(
 
 
 def load_trained(architecture: str, config: TrainingConfig, run_dir: Path) -> torch.nn.Module:
-    net_cfg = network_config(config)
+    net_cfg = run_network_config(config, run_dir.name)
     model = MaxQueryNet(net_cfg) if architecture == "maxquery" else PlainSegmentationNet(net_cfg)
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state["epoch"] < (config.stage2 if architecture == "maxquery" else config.stage1).epochs:
