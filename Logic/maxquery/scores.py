@@ -140,19 +140,20 @@ class MaxLogitStatistics:
         self.cases += 1
 
     def to_dict(self) -> dict:
-        """The model card's ``sml_stats``; ``fallback`` lists the classes that use the pooled values."""
-        stats = {"voxels": self.count.astype(int).tolist(), "mean": self.mean.tolist(),
-                 "std": np.sqrt(self.squares / np.maximum(self.count, 1)).tolist(), "cases": self.cases}
-        _, _, fallback = sml_parameters(stats)
-        return stats | {"fallback": np.flatnonzero(fallback).tolist()}
+        """The model card's ``sml_stats``: the mean and std SML uses per class (``fallback`` lists
+        the classes that got the pooled ones), with the voxel counts and cases they come from."""
+        std = np.sqrt(self.squares / np.maximum(self.count, 1))
+        mean, std, fallback = _with_pooled_fallback(self.count, self.mean, std)
+        return {"voxels": self.count.astype(int).tolist(), "mean": mean.tolist(), "std": std.tolist(),
+                "fallback": np.flatnonzero(fallback).tolist(), "cases": self.cases}
 
 
-def sml_parameters(stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std per class to standardise with, and which classes fell back to the pooled ones.
+def sml_parameters(stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per class to standardise with, from a model card's ``sml_stats``.
 
-    A class with fewer than ``SML_MIN_CLASS_VOXELS`` training voxels, or a standard deviation
-    below ``SML_MIN_STD_FRACTION`` of the pooled one, takes the pooled mean and standard deviation
-    of all voxels: a near-zero standard deviation would turn tiny differences into huge scores.
+    Cards written before the pooled fallback (no ``fallback`` entry) get it here, from their
+    per-class voxel counts, so that a class seen in a handful of voxels (or none: std 1e-6)
+    cannot turn tiny differences into huge scores.
     """
     try:
         count, mean, std = (np.asarray(stats[key], np.float64) for key in ("voxels", "mean", "std"))
@@ -162,6 +163,18 @@ def sml_parameters(stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not (count.shape == mean.shape == std.shape) or not np.all(np.isfinite(mean) & np.isfinite(std)):
         raise ValueError("the model card's SML statistics are malformed (per-class voxels, mean and std "
                          "of equal length and finite); export the model again")
+    if "fallback" not in stats:
+        mean, std, _ = _with_pooled_fallback(count, mean, std)
+    if not np.all(std > 0):
+        raise ValueError("the model card's SML statistics hold a standard deviation that is not positive; "
+                         "export the model again")
+    return mean, std
+
+
+def _with_pooled_fallback(count: np.ndarray, mean: np.ndarray, std: np.ndarray):
+    """A class with fewer than ``SML_MIN_CLASS_VOXELS`` training voxels, or a standard deviation
+    below ``SML_MIN_STD_FRACTION`` of the pooled one, takes the pooled mean and standard deviation
+    of all voxels. Returns the means, standard deviations and which classes fell back."""
     total = count.sum()
     pooled_mean = float((count * mean).sum() / max(total, 1))
     pooled_std = float(np.sqrt((count * (std**2 + (mean - pooled_mean) ** 2)).sum() / max(total, 1)))
@@ -181,7 +194,7 @@ def standardized_max_logit(max_logit: np.ndarray, labels: np.ndarray, stats: dic
        wide down to the boundary itself (the standardised max logit is unreliable there);
     3. dilated smoothing: a Gaussian with taps ``SML_SMOOTHING_STEP_MM`` apart.
     """
-    mean, std, _ = sml_parameters(stats)
+    mean, std = sml_parameters(stats)
     if len(mean) <= int(labels.max(initial=0)):
         raise ValueError(f"the SML statistics cover {len(mean)} classes but the labels reach {int(labels.max())}")
     sml = ((max_logit - mean[labels]) / std[labels]).astype(np.float32)

@@ -47,9 +47,9 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert np.all(np.diff(card.calibration.values) >= 0)
     stats = card.sml_stats
     assert len(stats["mean"]) == 5 and stats["cases"] == 3  # every training case
-    _, std, fallback = sml_parameters(stats)
-    assert np.all(std > 0) and np.flatnonzero(fallback).tolist() == stats["fallback"]
-    assert all(stats["voxels"][i] < 1000 or stats["std"][i] < 0.01 * max(std) for i in stats["fallback"])
+    assert np.all(sml_parameters(stats)[1] > 0)
+    assert all(stats["voxels"][i] >= 1000 for i in range(5) if i not in stats["fallback"])
+    assert len({stats["std"][i] for i in stats["fallback"]}) <= 1  # the rare classes share the pooled values
     assert card.network.dropout == 0.0  # MaxQuery trains without dropout (paper: drop path only)
     assert card.training["epochs"] == 2 and card.training["qd_loss"] is True and card.name == "maxquery-tiny"
     # exporting again without --overwrite refuses and keeps the folder

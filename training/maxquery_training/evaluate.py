@@ -5,8 +5,8 @@
 For every model and every anomaly score it can produce, OOD localisation (AUROC, AUPR, FPR95;
 voxels of the test splits, OOD label positive) inside the organ region and over the whole volume,
 and case-level AUC (case score = mean raw score inside the predicted tumour on the model grid,
-``maxquery.metrics.case_score``, paper §4.2); for every
-model the Dice per organ and inlier tumour type (OOD voxels excluded). Writes ``report.md``,
+``maxquery.metrics.case_score``, paper §4.2); for every model the Dice per organ and inlier
+tumour type (OOD voxels excluded). Writes ``report.md``,
 ``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice and case scores, to see where a model
 fails), ``roc.png`` and ``pr.png``.
 """
@@ -165,7 +165,8 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
     lines = [f"# Evaluation on {data_root.name}", "",
              f"OOD localisation: voxels of the test_inlier and test_ood cases, OOD label positive. 'organ' = "
              f"inside the organ and its lesions dilated by {margin_mm:g} mm; 'whole' = the whole volume. "
-             "Case AUC: case score = mean raw score inside the predicted tumour, on the model grid (paper §4.2), test_ood vs "
+             "Case AUC: case score = mean raw score inside the predicted tumour, on the model grid (paper §4.2), "
+             "test_ood vs "
              f"test_inlier cases. 'cases': '{ALL_CASES}' or a subset given with --subset. Values in %.", "",
              "| model | cases | score | AUROC organ | AUPR organ | FPR95 organ | AUROC whole | AUPR whole | FPR95 whole "
              "| case AUC |",

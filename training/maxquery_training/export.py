@@ -1,9 +1,10 @@
 """Turn a trained run into a model folder: card, weights, SML statistics and anomaly calibration.
 
 SML needs the mean and standard deviation of the max logit per predicted class over the voxels
-of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The calibration stores quantiles of the raw anomaly score over inlier
-validation voxels inside the organ region (``regions.organ_region``), so the calibrated score of
-a voxel reads as the fraction of inlier organ voxels scoring lower. Both come from the same
+of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The
+calibration stores quantiles of the raw anomaly score over inlier validation voxels inside the
+organ region (``regions.organ_region``), so the calibrated score of a voxel reads as the fraction
+of inlier organ voxels scoring lower. Both come from the same
 predictor a user runs, so they match inference exactly.
 """
 
