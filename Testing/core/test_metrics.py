@@ -1,6 +1,7 @@
 """Streamed OOD metrics against scikit-learn's exact values; case-level AUC; Dice.
 
-Tolerance: the binned AUROC, AUPR and FPR95 must agree with scikit-learn within 1e-3 (absolute).
+While every distinct score has its own bin the figures equal scikit-learn's (1e-12); once bins
+merge they must stay within the bounds the metrics report, and within 0.005, extreme scores included.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, case_score, dice, rank_auc
 
-TOL = 1e-3
+EXACT = 1e-12
 
 
 def sklearn_fpr95(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -27,10 +28,11 @@ def reference(labels, scores) -> dict[str, float]:
     }
 
 
-def assert_matches(metrics: StreamingOODMetrics, labels, scores):
-    got, ref = metrics.summary(), reference(labels, scores)
+def assert_matches(metrics: StreamingOODMetrics, labels, scores, tolerance: float = EXACT):
+    got, ref, bounds = metrics.summary(), reference(labels, scores), metrics.error_bounds()
     for key in ref:
-        assert got[key] == pytest.approx(ref[key], abs=TOL), f"{key}: streamed {got[key]} vs sklearn {ref[key]}"
+        assert abs(got[key] - ref[key]) <= bounds[key] + EXACT, f"{key}: {got[key]} vs sklearn {ref[key]}, bound {bounds[key]}"
+        assert got[key] == pytest.approx(ref[key], abs=tolerance), f"{key}: streamed {got[key]} vs sklearn {ref[key]}"
 
 
 def make_data(seed: int, n: int = 6000, ties: bool = False):
@@ -52,10 +54,10 @@ def test_single_chunk_matches_sklearn(seed, ties):
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "tied"])
-def test_chunks_with_growing_ranges_match_sklearn(ties):
+def test_chunks_with_growing_ranges_match_sklearn_exactly(ties):
     rng = np.random.default_rng(7)
     chunks = []
-    # The first chunk fixes a narrow range; the later ones reach far outside it on both sides.
+    # The first chunk is narrow; the later ones reach far outside it on both sides.
     for lo, hi in ((0.0, 1.0), (-3.0, 0.5), (0.2, 9.0), (-40.0, 60.0), (0.4, 0.6)):
         n = 3000
         labels = rng.random(n) < 0.3
@@ -66,21 +68,57 @@ def test_chunks_with_growing_ranges_match_sklearn(ties):
     metrics = StreamingOODMetrics()
     for labels, scores in chunks:
         metrics.update(scores, labels)
-    all_labels = np.concatenate([c[0] for c in chunks])
-    all_scores = np.concatenate([c[1] for c in chunks])
-    assert metrics.low <= all_scores.min()
-    assert metrics.low + metrics.width * metrics.num_bins > all_scores.max()
-    assert_matches(metrics, all_labels, all_scores)
+    assert metrics.level == 0 and metrics.error_bounds() == {"auroc": 0.0, "aupr": 0.0, "fpr95": 0.0}
+    assert_matches(metrics, np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
 
 
-def test_first_chunk_with_a_single_value_then_a_wide_range():
-    metrics = StreamingOODMetrics()
-    metrics.update(np.full(50, 3.0), np.arange(50) % 2 == 0)
-    labels, scores = make_data(3)
-    metrics.update(scores * 100, labels)
-    all_labels = np.concatenate([np.arange(50) % 2 == 0, labels])
-    all_scores = np.concatenate([np.full(50, 3.0), scores * 100])
-    assert_matches(metrics, all_labels, all_scores)
+def extreme_case(n: int = 2_000_000, seed: int = 0):
+    """The issue's case: 2 M voxels, 0.3 % OOD, and a few inlier voxels with extreme scores."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.003
+    scores = (rng.normal(size=n) + 1.5 * labels).astype(np.float32)
+    inliers = np.flatnonzero(~labels)
+    scores[inliers[:3]] = (1e5, -1e5, 3e38)
+    scores[inliers[3:6]] = (1e-30, -0.0, 0.0)  # tiny values and both zeros sort as scikit-learn sorts them
+    return labels, scores
+
+
+def test_extreme_scores_leave_the_figures_exact():
+    labels, scores = extreme_case()
+    metrics = StreamingOODMetrics()  # 2 M distinct scores: more than the bins, so neighbours merge
+    for chunk in np.array_split(np.arange(labels.size), 4):
+        metrics.update(scores[chunk], labels[chunk])
+    assert metrics.level > 0 and len(metrics.keys) <= metrics.max_bins
+    assert_matches(metrics, labels, scores, tolerance=0.005)
+    bounds = metrics.error_bounds()
+    assert bounds["auroc"] < 1e-4 and bounds["fpr95"] < 1e-4 and bounds["aupr"] < 1e-3
+
+
+@pytest.mark.parametrize("max_bins", [64, 1024])
+def test_merged_bins_stay_within_the_reported_bounds(max_bins):
+    labels, scores = make_data(5, n=20000)
+    scores = np.concatenate([scores, [1e6, -1e6]])
+    labels = np.concatenate([labels, [False, True]])
+    metrics = StreamingOODMetrics(max_bins=max_bins)
+    metrics.update(scores, labels)
+    assert len(metrics.keys) <= max_bins
+    assert_matches(metrics, labels, scores, tolerance=1.0)  # the reported bounds are the check here
+    if max_bins == 1024:  # a thousand bins already land within 0.005
+        assert_matches(metrics, labels, scores, tolerance=0.005)
+
+
+def test_merging_accumulators_equals_one_stream():
+    labels, scores = make_data(6, n=9000)
+    whole, parts = StreamingOODMetrics(max_bins=500), StreamingOODMetrics(max_bins=500)
+    whole.update(scores, labels)
+    for chunk in np.array_split(np.arange(labels.size), 3):
+        case = StreamingOODMetrics(max_bins=500 if chunk[0] else 100_000)  # one case at a finer level
+        case.update(scores[chunk], labels[chunk])
+        parts.merge(case)
+    assert parts.level == whole.level
+    np.testing.assert_array_equal(parts.keys, whole.keys)
+    np.testing.assert_array_equal(parts.positives, whole.positives)
+    assert parts.summary() == whole.summary()
 
 
 def test_mask_selects_voxels_and_perfect_separation():
@@ -92,7 +130,7 @@ def test_mask_selects_voxels_and_perfect_separation():
     assert metrics.summary() == pytest.approx({"auroc": 1.0, "aupr": 1.0, "fpr95": 0.0}, abs=1e-9)
     unmasked = StreamingOODMetrics()
     unmasked.update(scores, is_ood)
-    assert unmasked.auroc() == pytest.approx(roc_auc_score(is_ood, scores), abs=TOL)
+    assert unmasked.auroc() == pytest.approx(roc_auc_score(is_ood, scores), abs=EXACT)
     assert unmasked.auroc() < 0.9
 
 
@@ -118,8 +156,8 @@ def test_errors_for_one_class_and_bad_scores():
     for bad in (np.nan, np.inf):
         with pytest.raises(ValueError, match="NaN or infinite"):
             StreamingOODMetrics().update(np.array([0.1, bad, 0.3]), np.array([0, 1, 0], bool))
-    with pytest.raises(ValueError, match="even"):
-        StreamingOODMetrics(num_bins=7)
+    with pytest.raises(ValueError, match="at least 2"):
+        StreamingOODMetrics(max_bins=1)
 
 
 # ---------------------------------------------------------------- case level

@@ -8,7 +8,8 @@ import torch
 
 from maxquery.network import MaskPrediction, MaxQueryNet, PlainSegmentationNet, small_config
 from maxquery.scores import (
-    SCORES, ScoreContext, get_score, mc_dropout_prediction, predictive_entropy, standardized_max_logit,
+    SCORES, SML_MIN_CLASS_VOXELS, MaxLogitStatistics, ScoreContext, dilated_smoothing, get_score,
+    mc_dropout_prediction, predictive_entropy, sml_parameters, standardized_max_logit, suppress_boundaries,
 )
 
 torch.set_num_threads(1)
@@ -108,7 +109,8 @@ def test_mc_dropout_score_is_predictive_entropy():
 # ---------------------------------------------------------------- SML
 
 
-STATS = {"mean": [10.0, 2.0], "std": [2.0, 0.5]}
+STATS = {"mean": [10.0, 2.0], "std": [2.0, 0.5], "voxels": [50_000, 20_000]}
+MM = (1.0, 1.0, 1.0)
 
 
 def two_class_labels(shape=(20, 20, 20)) -> np.ndarray:
@@ -122,7 +124,7 @@ def test_sml_standardises_with_the_predicted_class_statistics():
     mean, std = np.array(STATS["mean"])[labels], np.array(STATS["std"])[labels]
     z = 1.5
     max_logit = mean + z * std  # a constant standardised value everywhere
-    sml = standardized_max_logit(max_logit, labels, STATS)
+    sml = standardized_max_logit(max_logit, labels, STATS, MM)
     np.testing.assert_allclose(sml, -z, atol=1e-5)  # suppression and smoothing keep a constant
     # Raw max logits differ by 8.75 between the classes; standardised they do not differ at all.
     assert np.ptp(max_logit) > 8
@@ -142,7 +144,7 @@ def test_sml_ranks_a_planted_interior_outlier_highest_despite_a_boundary_spike()
     score = get_score("sml")
     aggregated = score.per_patch(out)[0].numpy()
     np.testing.assert_array_equal(aggregated, max_logit)  # per patch: the raw max logit
-    ctx = ScoreContext(labels=labels, sml_stats=STATS)
+    ctx = ScoreContext(labels=labels, sml_stats=STATS, spacing_zyx=MM)
     final = score.finalize(aggregated, ctx)
     assert final.shape == labels.shape
     assert np.unravel_index(np.argmax(final), final.shape) == interior
@@ -154,6 +156,79 @@ def test_sml_ranks_a_planted_interior_outlier_highest_despite_a_boundary_spike()
 def test_sml_without_statistics_says_what_is_missing():
     with pytest.raises(ValueError, match="statistics"):
         get_score("sml").finalize(np.zeros((4, 4, 4)), ScoreContext(labels=np.zeros((4, 4, 4), int)))
+    with pytest.raises(ValueError, match="spacing"):
+        get_score("sml").finalize(np.zeros((4, 4, 4)), ScoreContext(labels=np.zeros((4, 4, 4), int), sml_stats=STATS))
+    with pytest.raises(ValueError, match="voxel counts"):
+        sml_parameters({"mean": [1.0], "std": [1.0]})
+
+
+def test_max_logit_statistics_are_exact_over_streamed_cases():
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (30_000, 5_000, 60_000):
+        classes = rng.choice(3, n, p=(0.8, 0.15, 0.05))
+        # A large offset with a small spread: sums of squares lose it all in float64.
+        cases.append((1e8 + rng.normal(size=n) * 0.01 * (1 + classes), classes))
+    statistics = MaxLogitStatistics(4)  # class 3 is never predicted
+    for values, classes in cases:
+        statistics.update(values.reshape(-1, 10, 10) if values.size % 100 == 0 else values, classes)
+    values = np.concatenate([c[0] for c in cases])
+    classes = np.concatenate([c[1] for c in cases])
+    stats = statistics.to_dict()
+    assert stats["cases"] == 3 and stats["voxels"] == [int((classes == k).sum()) for k in range(4)]
+    for k in range(3):
+        assert stats["mean"][k] == pytest.approx(values[classes == k].mean(), rel=1e-13)
+        assert stats["std"][k] == pytest.approx(values[classes == k].std(), rel=1e-6)
+    assert stats["fallback"] == [3]
+
+
+def test_a_rarely_predicted_class_uses_the_pooled_statistics_not_a_tiny_std():
+    rng = np.random.default_rng(1)
+    labels = np.zeros((20, 20, 20), np.int64)
+    labels[:, :, 10:] = 1
+    labels[10, 10, 3:5] = 2  # class 2: two voxels, the same max logit in training
+    max_logit = np.where(labels == 1, 6.0, 9.0) + rng.normal(size=labels.shape) * 0.3
+    max_logit[labels == 2] = 4.0
+    statistics = MaxLogitStatistics(3)
+    statistics.update(max_logit, labels)
+    stats = statistics.to_dict()
+    assert stats["voxels"][2] == 2 < SML_MIN_CLASS_VOXELS and stats["fallback"] == [2]
+    mean, std = sml_parameters(stats)
+    pooled = max_logit.std()
+    assert std[2] == pytest.approx(pooled) and mean[2] == pytest.approx(max_logit.mean())
+    assert std[:2] == pytest.approx([max_logit[labels == k].std() for k in (0, 1)])
+    assert stats["std"] == pytest.approx(std.tolist())  # the card holds what SML uses
+    # At test time class 2's max logit is a little off: a moderate score, not millions.
+    test_logit = max_logit.copy()
+    test_logit[labels == 2] = 4.5
+    assert np.abs(standardized_max_logit(test_logit, labels, stats, MM)).max() < 20
+    # A card written by the old export (std 1e-6 for a class without voxels) is read the same way.
+    old = {"mean": [9.0, 6.0, 0.0], "std": [0.3, 0.3, 1e-6], "voxels": [4000, 4000, 0]}
+    assert sml_parameters(old)[1][2] > 0.3 and sml_parameters(old)[1][0] == 0.3
+
+
+def test_boundary_band_is_jungs_width_in_mm():
+    labels = np.zeros((5, 5, 20), np.int64)
+    labels[..., 10:] = 1  # boundary between x = 9 and x = 10
+    values = np.zeros(labels.shape, np.float32)
+    values[2, 2, 6] = 10.0  # 3 voxels from the boundary voxel x = 9
+    fine = suppress_boundaries(values, labels, (0.76, 0.76, 0.76))  # 2.3 mm: inside the 3.04 mm band
+    coarse = suppress_boundaries(values, labels, (3.0, 3.0, 3.0))  # 9 mm: outside it
+    assert fine[2, 2, 6] == 0.0 and coarse[2, 2, 6] == 10.0
+    spike = values.copy()
+    spike[2, 2, 9] = 10.0  # on the boundary itself: suppressed on every grid
+    assert suppress_boundaries(spike, labels, (3.0, 3.0, 3.0))[2, 2, 9] == 0.0
+
+
+def test_dilated_smoothing_reaches_the_same_distance_in_mm_on_any_grid():
+    impulse = np.zeros((31, 41, 41), np.float32)
+    impulse[15, 20, 20] = 1.0
+    smoothed = dilated_smoothing(impulse, (3.0, 0.76, 0.76))
+    assert smoothed.sum() == pytest.approx(1.0, abs=1e-5)
+    along_z = np.flatnonzero(smoothed[:, 20, 20]) - 15
+    along_y = np.flatnonzero(smoothed[15, :, 20]) - 20
+    assert along_y.tolist() == [-18, -12, -6, 0, 6, 12, 18]  # Jung et al.: 7 taps, dilation 6
+    assert along_z.tolist() == [-6, -4, -2, 0, 2, 4, 6]  # 4.56 mm taps on a 3 mm axis: every 2 voxels
 
 
 # ---------------------------------------------------------------- MC dropout passes

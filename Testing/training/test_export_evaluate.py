@@ -5,9 +5,15 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from maxquery.inference import Predictor
+from maxquery.inference.lesions import search_region
 from maxquery.model_folder import load_model_folder
+from maxquery.scores import sml_parameters
 from maxquery_training import cli, evaluate
+from maxquery_training.dataset import list_cases, read_case
+from maxquery_training.regions import organ_region
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +27,16 @@ def exported(tiny_msd, tmp_path_factory):
     return work, out
 
 
+@pytest.fixture(scope="module")
+def mc_dropout_model(exported, tiny_msd):
+    work, _ = exported
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--baseline", "mc_dropout", "--set", "stage1.epochs=1"]) == 0
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
+                     "--run", "mc_dropout", "--out", str(work / "mc_dropout_model")]) == 0
+    return work / "mc_dropout_model"
+
+
 def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     work, out = exported
     loaded = load_model_folder(out)
@@ -29,35 +45,59 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert card.classes[1].terminology["type"]["code"] == "10200004"
     assert card.calibration.score == "maxquery"
     assert np.all(np.diff(card.calibration.values) >= 0)
-    assert len(card.sml_stats["mean"]) == 5 and all(s > 0 for s in card.sml_stats["std"])
+    stats = card.sml_stats
+    assert len(stats["mean"]) == 5 and stats["cases"] == 3  # every training case
+    assert np.all(sml_parameters(stats)[1] > 0)
+    assert all(stats["voxels"][i] >= 1000 for i in range(5) if i not in stats["fallback"])
+    assert len({stats["std"][i] for i in stats["fallback"]}) <= 1  # the rare classes share the pooled values
+    assert card.network.dropout == 0.0  # MaxQuery trains without dropout (paper: drop path only)
     assert card.training["epochs"] == 2 and card.training["qd_loss"] is True and card.name == "maxquery-tiny"
     # exporting again without --overwrite refuses and keeps the folder
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--out", str(out)]) == 2
     assert load_model_folder(out).card.calibration == card.calibration
 
 
-def test_evaluate_writes_the_tables(exported, tiny_msd, tmp_path):
+def test_mc_dropout_baseline_is_its_own_model(exported, mc_dropout_model):
+    work, _ = exported
+    card = load_model_folder(mc_dropout_model).card
+    assert card.training["baseline"] == "mc_dropout" and "MC-dropout baseline" in card.description
+    assert card.architecture == "plain" and card.network.dropout == 0.1 and card.name == "maxquery-tiny-mc-dropout"
+    assert card.calibration.score == "mc_dropout"
+    assert (work / "mc_dropout" / "checkpoint.pt").is_file() and (work / "stage1" / "checkpoint.pt").is_file()
+
+
+def test_dropout_in_the_network_config_is_refused(tiny_msd, tmp_path, capsys):
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(tmp_path / "w"),
+                     "--set", "network.dropout=0.1"]) == 2
+    assert "mc_dropout.dropout" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_evaluate_writes_the_tables(exported, mc_dropout_model, tiny_msd, tmp_path, capsys):
     work, model = exported
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
                      "--run", "stage1", "--out", str(work / "plain")]) == 0
+    assert load_model_folder(work / "plain").card.network.dropout == 0.0  # the nnU-Net baseline: no dropout
     report = tmp_path / "report"
     assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--model", str(work / "plain"),
-                          "--out", str(report), "--mc-passes", "2", "--record-in-card", "--subset", "ood=_005$"]) == 0
+                          "--model", str(mc_dropout_model), "--out", str(report), "--mc-passes", "2",
+                          "--record-in-card", "--subset", "ood=_005$"]) == 0
+    assert "no mc_dropout score for maxquery-tiny: it is not an MC-dropout baseline" in capsys.readouterr().err
     rows = [r for r in csv.DictReader(open(report / "ood.csv")) if r["cases"] == "all"]
     maxquery_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny"}
     plain_scores = {r["score"] for r in rows if r["model"] == "maxquery-tiny-plain"}
-    assert maxquery_scores == {"maxquery", "maxquery_post", "msp", "maxlogit", "sml", "mc_dropout"}
-    assert plain_scores == {"msp", "maxlogit", "sml", "mc_dropout"}
+    assert maxquery_scores == {"maxquery", "maxquery_post", "msp", "maxlogit", "sml"}
+    assert plain_scores == {"msp", "maxlogit", "sml"}
+    assert {r["score"] for r in rows if r["model"] == "maxquery-tiny-mc-dropout"} == {"mc_dropout"}
     for row in rows:
         for key in ("auroc_organ", "aupr_organ", "fpr95_organ", "auroc_whole", "case_auc"):
             assert 0.0 <= float(row[key]) <= 1.0
     all_dice = list(csv.DictReader(open(report / "dice.csv")))
     dice = [d for d in all_dice if d["cases"] == "all"]
-    assert {d["model"] for d in dice} == {"maxquery-tiny", "maxquery-tiny-plain"}
+    assert {d["model"] for d in dice} == {"maxquery-tiny", "maxquery-tiny-plain", "maxquery-tiny-mc-dropout"}
     assert float(dice[0]["liver"]) > 0  # the liver is large enough to be partly found even by a tiny model
     cases = list(csv.DictReader(open(report / "cases.csv")))
     mine = [c for c in cases if c["model"] == "maxquery-tiny"]
-    assert len(mine) == len(cases) // 2 and {c["ood_case"] for c in mine} == {"True", "False"}
+    assert len(mine) == len(cases) // 3 and {c["ood_case"] for c in mine} == {"True", "False"}
     livers = [float(c["dice_liver"]) for c in mine if c["dice_liver"] != "nan"]
     assert np.mean(livers) == pytest.approx(float(dice[0]["liver"]))  # the table is the mean of the rows
     assert float(mine[0]["case_score_maxquery"]) == float(mine[0]["case_score_maxquery"])  # a number, not NaN
@@ -82,12 +122,12 @@ def test_evaluate_refuses_a_malformed_subset(exported, tiny_msd, tmp_path, capsy
     assert "NAME=REGEX" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_evaluation_is_repeatable_including_mc_dropout(exported, tiny_msd, tmp_path):
+def test_evaluation_is_repeatable_including_mc_dropout(exported, mc_dropout_model, tiny_msd, tmp_path):
     _, model = exported
     tables = []
     for run in ("first", "second"):
-        assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--out", str(tmp_path / run),
-                              "--scores", "maxquery,mc_dropout", "--mc-passes", "2"]) == 0
+        assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--model", str(mc_dropout_model),
+                              "--out", str(tmp_path / run), "--scores", "maxquery,mc_dropout", "--mc-passes", "2"]) == 0
         tables.append((tmp_path / run / "ood.csv").read_text())
     assert "mc_dropout" in tables[0] and tables[0] == tables[1]
 
@@ -101,3 +141,29 @@ def test_export_of_an_untrained_run_says_what_to_do(exported, tiny_msd, tmp_path
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
                      "--run", "stage2_noqd", "--out", str(tmp_path / "model")]) == 2
     assert "train the 'stage2_noqd' run first" in capsys.readouterr().err and not (tmp_path / "model").exists()
+
+
+def test_case_score_has_one_definition(exported, tiny_msd, tmp_path):
+    """The predictor's raw case scores (model grid) are what the evaluation ranks; the case score a
+    user sees is the calibrated value of the same number."""
+    _, model = exported
+    case = list_cases(tiny_msd, "test_inlier")[0]
+    result = Predictor(model, device="cpu", scores=("maxquery", "msp")).predict(read_case(case)[0])
+    card = load_model_folder(model).card
+    assert result.case_score == pytest.approx(float(card.calibration(np.asarray(result.case_scores["maxquery"]))))
+    assert result.summary()["raw_case_scores"] == result.case_scores
+    assert evaluate.main(["--data", str(tiny_msd), "--model", str(model), "--out", str(tmp_path / "r"),
+                          "--scores", "maxquery,msp"]) == 0
+    row = next(r for r in csv.DictReader(open(tmp_path / "r" / "cases.csv")) if r["case"] == case.case_id)
+    assert float(row["case_score_maxquery"]) == pytest.approx(result.case_scores["maxquery"], rel=1e-6)
+    assert float(row["case_score_msp"]) == pytest.approx(result.case_scores["msp"], rel=1e-6)
+
+
+def test_lesion_search_and_organ_region_share_one_margin(tiny_msd):
+    """The lesion search looks exactly where the calibration was fitted and the evaluation scores."""
+    label = read_case(list_cases(tiny_msd, "training")[0])[1]
+    array = sitk.GetArrayFromImage(label)
+    spacing = tuple(reversed(label.GetSpacing()))
+    evaluated = organ_region(array, [1, 2, 3, 4], spacing)
+    assert evaluated.sum() > (array > 0).sum()  # a real margin
+    np.testing.assert_array_equal(search_region(array, spacing), evaluated)

@@ -1,6 +1,7 @@
 """``maxquery-train``: preprocess, train both stages, and export a model folder.
 
     maxquery-train train  --config cpu_demo --data DATASET --work WORK [--no-qd] [--stage 1|2|all]
+    maxquery-train train  --config cpu_demo --data DATASET --work WORK --baseline mc_dropout
     maxquery-train export --config cpu_demo --data DATASET --work WORK --out MODEL_DIR [--run stage2]
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node 2 -m maxquery_training.cli train ...``.
@@ -19,7 +20,7 @@ import yaml
 from .config import load_config
 from .dataset import DataError
 from .distributed import init_distributed, shutdown
-from .pipeline import load_split, make_plan, read_plan, train_stage1, train_stage2
+from .pipeline import MC_DROPOUT_RUN, load_split, make_plan, read_plan, train_stage1, train_stage2
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -46,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", default="all", choices=("1", "2", "all"),
                        help="1: pre-train the backbone; 2: train MaxQuery on it; all: both (default: all)")
     train.add_argument("--no-qd", action="store_true", help="ablation: stage 2 without the QD loss (folder stage2_noqd)")
+    train.add_argument("--baseline", choices=(MC_DROPOUT_RUN,),
+                       help="train only this baseline: the plain network with mc_dropout.dropout (folder mc_dropout)")
     export = sub.choices["export"]
     export.add_argument("--out", required=True, type=Path, help="model folder to write")
-    export.add_argument("--run", default="stage2", choices=("stage2", "stage2_noqd", "stage1"),
-                        help="run folder in WORK to export: MaxQuery, MaxQuery without QD loss, plain backbone")
+    export.add_argument("--run", default="stage2", choices=("stage2", "stage2_noqd", "stage1", MC_DROPOUT_RUN),
+                        help="run folder in WORK to export: MaxQuery, MaxQuery without QD loss, plain backbone, "
+                             "MC-dropout baseline")
     export.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     return parser
 
@@ -66,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             plan = make_plan(config, args.data, args.work, dist_info)
             cases = load_split(config, args.data, args.work, plan, "training").cases
-            if args.stage in ("1", "all"):
+            if args.baseline:
+                train_stage1(config, plan, cases, args.work, dist_info, run=args.baseline)
+            if args.stage in ("1", "all") and not args.baseline:
                 train_stage1(config, plan, cases, args.work, dist_info)
-            if args.stage in ("2", "all"):
+            if args.stage in ("2", "all") and not args.baseline:
                 train_stage2(config, plan, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd")
         else:
             from .export import export_model

@@ -77,6 +77,14 @@ class StageConfig:
 
 
 @dataclass
+class MCDropoutConfig:
+    """The MC-dropout baseline (Kendall & Gal 2017; paper Tab. 1): the stage-1 plain network trained
+    with channel dropout ``dropout`` after each decoder stage, sampled at test time."""
+
+    dropout: float = 0.1
+
+
+@dataclass
 class TrainingConfig:
     name: str = "maxquery-model"
     description: str = ""
@@ -97,12 +105,18 @@ class TrainingConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
+    mc_dropout: MCDropoutConfig = field(default_factory=MCDropoutConfig)
     validation_cases_for_calibration: int = 0  # 0: all validation cases
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        nested = {"data": DataConfig, "augmentation": AugmentationConfig, "stage1": StageConfig, "stage2": StageConfig}
+        nested = {"data": DataConfig, "augmentation": AugmentationConfig, "stage1": StageConfig, "stage2": StageConfig,
+                  "mc_dropout": MCDropoutConfig}
         _check_keys(cls, data, "config")
+        if "dropout" in data.get("network", {}):
+            raise ValueError("network.dropout: MaxQuery and its plain backbone train without dropout; dropout "
+                             "belongs to the MC-dropout baseline: set mc_dropout.dropout and train it with "
+                             "maxquery-train train --baseline mc_dropout")
         kwargs = {}
         for key, value in data.items():
             if key in nested:

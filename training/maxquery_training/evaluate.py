@@ -4,8 +4,9 @@
 
 For every model and every anomaly score it can produce, OOD localisation (AUROC, AUPR, FPR95;
 voxels of the test splits, OOD label positive) inside the organ region and over the whole volume,
-and case-level AUC (case score = mean raw score inside the predicted tumour, paper §4.2); for every
-model the Dice per organ and inlier tumour type (OOD voxels excluded). Writes ``report.md``,
+and case-level AUC (case score = mean raw score inside the predicted tumour on the model grid,
+``maxquery.metrics.case_score``, paper §4.2); for every model the Dice per organ and inlier
+tumour type (OOD voxels excluded). Writes ``report.md``,
 ``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice and case scores, to see where a model
 fails), ``roc.png`` and ``pr.png``.
 """
@@ -26,16 +27,18 @@ import torch
 from tqdm import tqdm
 
 from maxquery.inference import Predictor
-from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, case_score, rank_auc
+from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, rank_auc
 from maxquery.model_folder import read_model_card, write_model_card
 from maxquery.scores import SCORES
 
 from .dataset import list_cases, read_case
-from .regions import DEFAULT_MARGIN_MM, organ_region
+from .regions import ORGAN_MARGIN_MM, organ_region
 
 REGIONS = ("organ", "whole")
+METRIC_TOLERANCE = 0.001  # warn when merged score bins could move a figure by more
 ALL_CASES = "all"
 QUERY_SCORES = ("maxquery", "maxquery_post")
+MC_DROPOUT = "mc_dropout"
 
 
 @dataclass
@@ -50,18 +53,27 @@ class ScoreTally:
         for region, metrics in self.voxels.items():
             summary = metrics.summary() if metrics.has_both_classes else dict.fromkeys(("auroc", "aupr", "fpr95"), np.nan)
             row.update({f"{k}_{region}": v for k, v in summary.items()})
+            if metrics.has_both_classes and max(metrics.error_bounds().values()) > METRIC_TOLERANCE:
+                print(f"maxquery-evaluate: warning: {region} figures may be off by up to "
+                      f"{metrics.error_bounds()} (scores merged into {metrics.max_bins} bins)", file=sys.stderr)
         both_kinds = len(set(self.case_is_ood)) == 2
         row["case_auc"] = rank_auc(np.array(self.case_scores), np.array(self.case_is_ood)) if both_kinds else np.nan
         return row
 
 
 def scores_for(folder: Path, requested: list[str]) -> list[str]:
+    """The requested scores this model folder can give: ``mc_dropout`` from an MC-dropout baseline
+    only (and nothing else from it, as in the paper's Tab. 1), the query scores from MaxQuery only."""
     card = read_model_card(folder)
-    names = [s for s in requested if card.architecture == "maxquery" or s not in QUERY_SCORES]
+    if card.training.get("baseline") == MC_DROPOUT:
+        return [s for s in requested if s == MC_DROPOUT]
+    if MC_DROPOUT in requested:
+        print(f"maxquery-evaluate: note: no {MC_DROPOUT} score for {card.name}: it is not an MC-dropout baseline; "
+              "train one with 'maxquery-train train --baseline mc_dropout', export it with '--run mc_dropout' "
+              "and pass it as another --model", file=sys.stderr)
+    names = [s for s in requested if s != MC_DROPOUT and (card.architecture == "maxquery" or s not in QUERY_SCORES)]
     if card.sml_stats is None:
         names = [s for s in names if s != "sml"]
-    if card.network.dropout == 0:
-        names = [s for s in names if s != "mc_dropout"]
     return names
 
 
@@ -75,7 +87,6 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     tallies = {(subset, name): ScoreTally() for subset in subsets for name in score_names}
     labels = tuple(card.foreground_values)
     dice_by_subset = {subset: DiceAccumulator(labels) for subset in subsets}
-    tumour_values = [c.value for c in card.classes if c.role == "tumor"]
     foreground = [*card.foreground_values, ood_label]
     cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
             [(c, True) for c in list_cases(data_root, "test_ood")]
@@ -89,16 +100,18 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
         predicted = sitk.GetArrayFromImage(result.labels)
         ood = reference == ood_label
         region = organ_region(reference, foreground, tuple(reversed(label.GetSpacing())), margin_mm)
-        predicted_tumour = np.isin(predicted, tumour_values)
         member_of = [subset for subset, pattern in subsets.items() if pattern.search(case.case_id)]
         row = {"model": card.name, "case": case.case_id, "ood_case": is_ood_case}
         for name in score_names:
             raw = sitk.GetArrayViewFromImage(result.raw_scores[name])
-            row[f"case_score_{name}"] = case_score(raw, predicted_tumour)
+            row[f"case_score_{name}"] = result.case_scores[name]
+            voxels = {r: StreamingOODMetrics() for r in REGIONS}  # this case's, added to each subset
+            voxels["organ"].update(raw, ood, region)
+            voxels["whole"].update(raw, ood)
             for subset in member_of:
                 tally = tallies[subset, name]
-                tally.voxels["organ"].update(raw, ood, region)
-                tally.voxels["whole"].update(raw, ood)
+                for r in REGIONS:
+                    tally.voxels[r].merge(voxels[r])
                 tally.case_scores.append(row[f"case_score_{name}"])
                 tally.case_is_ood.append(is_ood_case)
         case_dice = dice_by_subset[ALL_CASES].update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
@@ -152,7 +165,8 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
     lines = [f"# Evaluation on {data_root.name}", "",
              f"OOD localisation: voxels of the test_inlier and test_ood cases, OOD label positive. 'organ' = "
              f"inside the organ and its lesions dilated by {margin_mm:g} mm; 'whole' = the whole volume. "
-             "Case AUC: case score = mean raw score inside the predicted tumour (paper §4.2), test_ood vs "
+             "Case AUC: case score = mean raw score inside the predicted tumour, on the model grid (paper §4.2), "
+             "test_ood vs "
              f"test_inlier cases. 'cases': '{ALL_CASES}' or a subset given with --subset. Values in %.", "",
              "| model | cases | score | AUROC organ | AUPR organ | FPR95 organ | AUROC whole | AUPR whole | FPR95 whole "
              "| case AUC |",
@@ -193,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.md, csv tables, curves)")
     parser.add_argument("--scores", default=",".join(SCORES), help="comma-separated registry scores (default: all)")
     parser.add_argument("--ood-label", type=int, default=None, help="default: dataset.json's ood_label")
-    parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM,
+    parser.add_argument("--margin-mm", type=float, default=ORGAN_MARGIN_MM,
                         help="the organ region is the organ and its lesions grown by this margin (default: %(default)s)")
     parser.add_argument("--mc-passes", type=int, default=8,
                         help="dropout passes of the mc_dropout score (default: %(default)s)")

@@ -1,9 +1,10 @@
 """Turn a trained run into a model folder: card, weights, SML statistics and anomaly calibration.
 
-SML needs the mean and standard deviation of the max logit per predicted class over training
-voxels (Jung et al. 2021). The calibration stores quantiles of the raw anomaly score over inlier
-validation voxels inside the organ region (``regions.organ_region``), so the calibrated score of
-a voxel reads as the fraction of inlier organ voxels scoring lower. Both come from the same
+SML needs the mean and standard deviation of the max logit per predicted class over the voxels
+of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The
+calibration stores quantiles of the raw anomaly score over inlier validation voxels inside the
+organ region (``regions.organ_region``), so the calibrated score of a voxel reads as the fraction
+of inlier organ voxels scoring lower. Both come from the same
 predictor a user runs, so they match inference exactly.
 """
 
@@ -23,49 +24,55 @@ from tqdm import tqdm
 from maxquery.calibration import AnomalyCalibration
 from maxquery.inference import Predictor
 from maxquery.model_folder import ModelCard, save_model_folder
+from maxquery.scores import SML_MIN_CLASS_VOXELS, MaxLogitStatistics
 
 from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import list_cases, read_case
-from .pipeline import Plan, load_trained
+from .pipeline import MC_DROPOUT_RUN, Plan, load_trained, run_network_config
 from .regions import organ_region
 from .trainer import load_checkpoint
 
 log = logging.getLogger(__name__)
 MAX_CALIBRATION_SAMPLES = 2_000_000
-SML_STATISTICS_CASES = 12  # training cases the SML statistics are gathered over
 # run folder → (architecture, QD loss used, model-name suffix); see pipeline.train_stage2's tags
-RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain")}
+RUNS = {"stage2": ("maxquery", True, ""), "stage2_noqd": ("maxquery", False, "-noqd"), "stage1": ("plain", None, "-plain"),
+        MC_DROPOUT_RUN: ("plain", None, "-mc-dropout")}
+MC_DROPOUT_DESCRIPTION = ("MC-dropout baseline (Kendall & Gal 2017; MaxQuery paper, Tab. 1): the plain network "
+                          "trained with dropout {p:g}; its anomaly score is the predictive entropy over stochastic "
+                          "passes (mc_dropout). Not a MaxQuery model.")
 
 
 def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> ModelCard:
     architecture, _, suffix = RUNS[run]
+    network = run_network_config(config, plan, run)
+    if run == MC_DROPOUT_RUN:
+        training = training | {"baseline": MC_DROPOUT_RUN}
     return ModelCard(
-        name=config.name + suffix, architecture=architecture, network=plan.network,
+        name=config.name + suffix, architecture=architecture, network=network,
         classes=class_infos(config.data),
         spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(plan.patch_size_zyx),
         normalization=plan.normalization, mirror_axes=tuple(config.augmentation.mirror_axes),
-        description=config.description, training=training,
+        description=MC_DROPOUT_DESCRIPTION.format(p=network.dropout) if run == MC_DROPOUT_RUN else config.description,
+        training=training,
     )
 
 
-def sml_statistics(predictor: Predictor, cases, num_classes: int) -> dict:
-    """Per predicted class: mean and std of the max logit over the training voxels."""
-    sums, squares, counts = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
-    value_to_index = {c.value: i for i, c in enumerate(predictor.card.classes)}
+def sml_statistics(predictor: Predictor, cases) -> dict:
+    """Per predicted class: voxels, mean and std of the max logit over every training case."""
+    statistics = MaxLogitStatistics(len(predictor.card.classes))
+    index_of_value = np.zeros(256, np.intp)
+    index_of_value[[c.value for c in predictor.card.classes]] = np.arange(len(predictor.card.classes))
     for case in tqdm(cases, desc="SML statistics", leave=False):
         image, _ = read_case(case)
         result = predictor.predict(image)
-        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"]).astype(np.float64)
-        labels = sitk.GetArrayViewFromImage(result.labels)
-        for value, index in value_to_index.items():
-            values = max_logit[labels == value]
-            sums[index] += values.sum()
-            squares[index] += (values**2).sum()
-            counts[index] += values.size
-    mean = sums / np.maximum(counts, 1)
-    std = np.sqrt(np.maximum(squares / np.maximum(counts, 1) - mean**2, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist(), "voxels": counts.astype(int).tolist()}
+        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"])
+        statistics.update(max_logit, index_of_value[sitk.GetArrayViewFromImage(result.labels)])
+    stats = statistics.to_dict()
+    if stats["fallback"]:
+        names = [predictor.card.classes[i].name for i in stats["fallback"]]
+        log.info("SML: %s use the pooled statistics (fewer than %d voxels or no spread)", names, SML_MIN_CLASS_VOXELS)
+    return stats
 
 
 def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, score: str) -> np.ndarray:
@@ -108,11 +115,14 @@ def export_model(
         "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
     }
     card = build_card(config, plan, run, training)
-    score = "maxquery" if architecture == "maxquery" else "maxlogit"
+    # the baseline's anomaly map is its own method's score, calibrated like MaxQuery's
+    score = "maxquery" if architecture == "maxquery" else "mc_dropout" if run == MC_DROPOUT_RUN else "maxlogit"
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
-        card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training")[:SML_STATISTICS_CASES], len(card.classes))
+        if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only
+            card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
+        torch.manual_seed(0)  # the baseline's dropout masks: the same calibration from the same run
         samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
     card.calibration = AnomalyCalibration.fit(score, samples)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)

@@ -6,6 +6,7 @@ Work-directory layout (every step resumes from what is already there)::
     WORK/preprocessed/<split>/*.npz   cached preprocessed cases
     WORK/stage1/checkpoint.pt         the plain network (also the nnU-Net baseline)
     WORK/stage2[_<tag>]/checkpoint.pt the MaxQuery network
+    WORK/mc_dropout/checkpoint.pt     the MC-dropout baseline: stage 1's recipe with dropout
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .planner import Topology, plan_network
 from .trainer import StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
+MC_DROPOUT_RUN = "mc_dropout"
 
 
 PLAN_FILE = "plan.json"
@@ -54,6 +56,11 @@ class Plan:
 def _topology_record(network: NetworkConfig, patch_size_zyx) -> dict:
     return {"strides": [list(s) for s in network.strides], "kernel_sizes": [list(k) for k in network.kernel_sizes],
             "patch_size_zyx": list(patch_size_zyx)}
+
+
+def run_network_config(config: TrainingConfig, plan: Plan, run: str) -> NetworkConfig:
+    """The network of a run folder: only the MC-dropout baseline has dropout (``mc_dropout.dropout``)."""
+    return replace(plan.network, dropout=config.mc_dropout.dropout) if run == MC_DROPOUT_RUN else plan.network
 
 
 def make_plan(config: TrainingConfig, data_root: Path, work_dir: Path, dist_info: DistInfo) -> Plan:
@@ -124,12 +131,13 @@ def planned_config(config: TrainingConfig, plan: Plan) -> TrainingConfig:
 
 
 def train_stage1(
-    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo
+    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, run: str = "stage1"
 ) -> PlainSegmentationNet:
+    """The plain network; ``run="mc_dropout"`` trains the MC-dropout baseline with the same recipe."""
     seed_everything(config.seed)
-    model = PlainSegmentationNet(plan.network)
-    trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1,
-                           planned_config(config, plan), cases, work_dir / "stage1", dist_info)
+    model = PlainSegmentationNet(run_network_config(config, plan, run))
+    trainer = StageTrainer(run, model, build_loss("plain", config, [], ()), config.stage1,
+                           planned_config(config, plan), cases, work_dir / run, dist_info)
     trainer.train()
     return model
 
@@ -155,7 +163,8 @@ def train_stage2(
 
 
 def load_trained(architecture: str, config: TrainingConfig, plan: Plan, run_dir: Path) -> torch.nn.Module:
-    model = MaxQueryNet(plan.network) if architecture == "maxquery" else PlainSegmentationNet(plan.network)
+    net_cfg = run_network_config(config, plan, run_dir.name)
+    model = MaxQueryNet(net_cfg) if architecture == "maxquery" else PlainSegmentationNet(net_cfg)
     state = load_checkpoint(run_dir / "checkpoint.pt")
     if state["epoch"] < (config.stage2 if architecture == "maxquery" else config.stage1).epochs:
         log.warning("%s has only %d epochs; exporting an unfinished model", run_dir, state["epoch"])

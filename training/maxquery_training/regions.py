@@ -1,4 +1,5 @@
-"""The evaluation region: the organ with its lesions, dilated by a margin in millimetres.
+"""The evaluation region: the organ with its lesions, dilated by ``ORGAN_MARGIN_MM`` (the lesion
+search's margin, ``maxquery.inference.lesions``).
 
 OOD localisation is scored (and the anomaly calibrated) inside this region, where a radiologist
 looks for lesions; the paper's whole-volume figures are reported beside it.
@@ -10,14 +11,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from maxquery.inference.lesions import grow_mask
-
-DEFAULT_MARGIN_MM = 5.0
+from maxquery.inference.lesions import ORGAN_MARGIN_MM, grow_mask
 
 
 def organ_region(
     label: np.ndarray, foreground_values: Iterable[int], spacing_zyx: Sequence[float],
-    margin_mm: float = DEFAULT_MARGIN_MM,
+    margin_mm: float = ORGAN_MARGIN_MM,
 ) -> np.ndarray:
     """Voxels within ``margin_mm`` of any voxel whose label is in ``foreground_values``."""
     return grow_mask(np.isin(label, list(foreground_values)), spacing_zyx, margin_mm)

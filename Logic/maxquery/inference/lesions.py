@@ -1,8 +1,8 @@
 """The lesion table: connected regions of predicted tumour and of high calibrated anomaly.
 
-Anomaly regions are searched only inside the predicted foreground (organ and tumour) grown by a
-margin, because the calibration describes inlier voxels in and around the organ: outside it
-(air, bowel gas, bone) a high score means nothing clinically.
+Anomaly regions are searched only inside the predicted foreground (organ and tumour) grown by
+``ORGAN_MARGIN_MM``, because the calibration describes inlier voxels in and around the organ:
+outside it (air, bowel gas, bone) a high score means nothing clinically.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from ..model_folder import ModelCard
 from .result import Lesion
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), bool)
-SEARCH_MARGIN_MM = 10.0  # anomaly is looked for within this distance of the predicted organ/tumour
+# The organ region: the organ and its lesions grown by this margin. One definition for the anomaly
+# calibration (fitted on inlier voxels of this region), the evaluation's 'organ' figures and the
+# lesion search, so that a calibrated score is only read where it was fitted. 5 mm keeps a lesion
+# on the organ's surface and the partial-volume rim, and little of the neighbouring organs.
+ORGAN_MARGIN_MM = 5.0
 
 
 def grow_mask(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
@@ -25,14 +29,14 @@ def grow_mask(mask: np.ndarray, spacing_zyx, margin_mm: float) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask, sampling=spacing_zyx) <= margin_mm
 
 
-def search_region(labels: np.ndarray, spacing_zyx, margin_mm: float = SEARCH_MARGIN_MM) -> np.ndarray:
+def search_region(labels: np.ndarray, spacing_zyx, margin_mm: float = ORGAN_MARGIN_MM) -> np.ndarray:
     """Predicted foreground (organ and tumour) grown by ``margin_mm``."""
     return grow_mask(labels != 0, spacing_zyx, margin_mm)
 
 
 def find_lesions(
     labels: sitk.Image, anomaly: sitk.Image, card: ModelCard, threshold: float = 0.99,
-    margin_mm: float = SEARCH_MARGIN_MM, min_volume_ml: float = 0.1, max_regions: int = 50,
+    margin_mm: float = ORGAN_MARGIN_MM, min_volume_ml: float = 0.1, max_regions: int = 50,
 ) -> list[Lesion]:
     """Tumour components first, then anomaly components, each sorted by volume (largest first).
 

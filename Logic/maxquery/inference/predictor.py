@@ -151,7 +151,7 @@ class Predictor:
         step("postprocessing")
         indices = maps[:k].argmax(dim=0).numpy().astype(np.uint8)
         label_values = np.asarray([c.value for c in self.card.classes], np.uint8)[indices]
-        context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats)
+        context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing_zyx=self.spacing_zyx)
         raw = {}
         for i, score in enumerate(self.scores):
             aggregated = maps[k + i].numpy()
@@ -163,7 +163,9 @@ class Predictor:
         tumour = np.isin(indices, self.card.tumor_indices)
         model_grid = {"labels": _like(label_values, grid), "anomaly": _like(calibrated, grid)}
         lesions = find_lesions(model_grid["labels"], model_grid["anomaly"], self.card, threshold)
-        score = case_score(calibrated, tumour)
+        case_scores = {name: case_score(values, tumour) for name, values in raw.items()}
+        score = float(self.card.calibration(np.asarray(case_scores[self.anomaly_score]))) if self.card.calibration \
+            else case_score(minmax, tumour)  # min-max is affine: the mean of the map is the mean's image
         clock = _lap(timings, "postprocessing", clock)
 
         step("resampling to the input grid")
@@ -177,7 +179,8 @@ class Predictor:
         timings["total"] = round(time.perf_counter() - start, 3)
         return SegmentationResult(
             labels=back["labels"], anomaly=back["anomaly"], anomaly_minmax=back["anomaly_minmax"],
-            raw_scores={n: back[f"raw:{n}"] for n in raw}, case_score=score, lesions=lesions, card=self.card,
+            raw_scores={n: back[f"raw:{n}"] for n in raw}, case_score=score, case_scores=case_scores,
+            lesions=lesions, card=self.card,
             anomaly_threshold=threshold, device=str(self.device), timings=timings,
             anomaly_score=self.anomaly_score, calibrated=self.card.calibration is not None,
             notes=self._notes(), image=image,

@@ -37,7 +37,7 @@ class SegmentationResult:
     anomaly: sitk.Image
     anomaly_minmax: sitk.Image
     raw_scores: dict[str, sitk.Image]
-    case_score: float  # mean calibrated anomaly inside the predicted tumour region (paper §4.2)
+    case_score: float  # case_scores[anomaly_score] on the anomaly map's scale (maxquery.metrics.case_score)
     lesions: list[Lesion]
     card: ModelCard
     anomaly_threshold: float
@@ -47,12 +47,14 @@ class SegmentationResult:
     calibrated: bool = True  # False: the card has no calibration and ``anomaly`` is the min-max map
     notes: list[str] = field(default_factory=list)  # caveats to show the user (fast mode, no calibration)
     image: sitk.Image | None = None  # the input CT (same object, not a copy), for review pictures
+    case_scores: dict[str, float] = field(default_factory=dict)  # per score: raw mean in the predicted tumour
 
     def summary(self) -> dict:
         """JSON-ready description of the case (what ``<name>_summary.json`` holds)."""
         return {
             "model": {"name": self.card.name, "version": self.card.version},
             "case_score": self.case_score,
+            "raw_case_scores": self.case_scores,
             "anomaly_threshold": self.anomaly_threshold,
             "calibration": self.card.calibration.region if self.card.calibration else None,
             "anomaly_score": self.anomaly_score,
