@@ -1,0 +1,113 @@
+"""The module's classes as Slicer builds them: cooperative base classes, parameter node, lifetime.
+
+The shim's base classes follow Slicer's (each ``__init__`` calls ``super().__init__()``), so a
+class layout that breaks in Slicer breaks here too.
+"""
+
+import importlib
+import sys
+import types
+
+import pytest
+
+import shim
+from test_widget import load_ct, scene_node_ids, wait_for
+
+
+def test_the_shim_base_classes_are_as_strict_as_slicers(app):
+    class NeedsAScene:
+        def __init__(self, scene):
+            self.scene = scene
+
+    class Inherits(shim.ScriptedLoadableModuleLogic, NeedsAScene):
+        def __init__(self):
+            shim.ScriptedLoadableModuleLogic.__init__(self)
+
+    with pytest.raises(TypeError):  # what the old MaxQuerySlicerLogic did in Slicer 5.6+
+        Inherits()
+
+
+def test_module_logic_and_widget_build_as_in_slicer(app, scene):
+    import MaxQuerySlicer
+
+    parent = types.SimpleNamespace(path=MaxQuerySlicer.__file__)
+    module = MaxQuerySlicer.MaxQuerySlicer(parent)
+    assert "&" not in parent.title and parent.title.startswith("MaxQuery")
+    logic = MaxQuerySlicer.MaxQuerySlicerLogic()
+    assert logic.moduleName == "MaxQuerySlicer" and logic.core.scene is scene
+    assert logic.core.parameters().node is logic.getParameterNode()  # Slicer's own parameter node
+    logic.core.close()
+    widget = MaxQuerySlicer.MaxQuerySlicerWidget()  # no parent: Slicer's generic test builds it like this
+    assert widget.ui.applyButton.isEnabled() is False
+    widget.cleanup()
+    assert module.moduleName == "MaxQuerySlicer"
+
+
+def test_parameter_node_survives_a_scene_clear(app, scene, widget, model_folder):
+    node = widget.params.node
+    scene.Clear(0)
+    assert widget.logic.core.parameters().node is node
+    assert node.GetAttribute("ModuleName") == "MaxQuerySlicer"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+    widget.params.device = "cpu"  # the panel still writes to the node the scene keeps
+    assert widget.ui.deviceComboBox.currentText() == "cpu"
+
+
+def test_results_are_released_with_their_nodes_and_the_scene(app, scene, widget, real_data):
+    volume = load_ct(scene, real_data, "example_ct_sm.nii.gz")
+    widget.ui.inputSelector.setCurrentNode(volume)
+    for _ in range(2):
+        widget.ui.applyButton.click()
+        wait_for(app, lambda: widget.run is None)
+    core = widget.logic.core
+    first, second = [core.held_results()[i] for i in (0, 1)]
+    scene.RemoveNode(scene.GetNodeByID(first))
+    assert core.held_results() == [second]
+    scene.Clear(0)
+    assert core.held_results() == []
+
+
+def test_closing_the_scene_cancels_a_run_in_flight(app, scene, widget, real_data):
+    volume = load_ct(scene, real_data, "example_ct.nii.gz")
+    widget.ui.inputSelector.setCurrentNode(volume)
+    widget.ui.applyButton.click()
+    run = widget.run
+    scene.Clear(0)
+    assert widget.run is None and widget.logic.core.active_run is None
+    assert run._process.poll() is not None and not run.work_dir.exists()
+    before = scene_node_ids(scene)
+    for _ in range(5):
+        app.processEvents()
+    assert scene_node_ids(scene) == before and not widget.timer.isActive()
+
+
+def test_cleanup_stops_timers_and_observers_and_a_reload_works(app, scene, widget, real_data):
+    import MaxQuerySlicer
+
+    volume = load_ct(scene, real_data, "example_ct.nii.gz")
+    widget.ui.inputSelector.setCurrentNode(volume)
+    widget.ui.applyButton.click()
+    run = widget.run
+    widget.cleanup()
+    assert not widget.timer.isActive() and not widget.tableTimer.isActive()
+    assert widget.Observations == [] and widget.logic.core._observations == []
+    assert run._process.poll() is not None and not run.work_dir.exists()
+    # Developer mode's Reload: the module file is imported again and a new widget is built.
+    reloaded = importlib.reload(sys.modules["MaxQuerySlicer"])
+    assert reloaded is MaxQuerySlicer
+    fresh = reloaded.MaxQuerySlicerWidget(shim.QtWidgets.QWidget())
+    fresh.setup()
+    try:
+        assert fresh.params.node is widget.params.node
+        assert scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+    finally:
+        fresh.cleanup()
+
+
+def test_device_choices_follow_what_the_core_supports():
+    from MaxQuerySlicerLib.parameters import DEVICE_PATTERN, device_choices
+
+    assert device_choices(0, False) == ["auto", "cpu"]
+    assert device_choices(2, True) == ["auto", "cpu", "cuda:0", "cuda:1", "mps"]
+    for device in device_choices(2, True):
+        assert DEVICE_PATTERN.fullmatch(device)
