@@ -434,16 +434,14 @@ class MaxQuerySlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def pipInstall(plan):
         """pip with a constraints file that pins every installed distribution to its present version."""
-        import importlib.util
+        import importlib
 
         with tempfile.TemporaryDirectory() as folder:
             constraints = str(plan.write_constraints(folder))
             with slicer.util.WaitCursor():
                 if importlib.util.find_spec("slicer.packaging") is not None:  # Slicer 5.12+
-                    import slicer.packaging
-
-                    slicer.packaging.pip_ensure(plan.pip, constraints=constraints, prompt_install=False,
-                                                requester="MaxQuery")
+                    importlib.import_module("slicer.packaging").pip_ensure(
+                        plan.pip, constraints=constraints, prompt_install=False, requester="MaxQuery")
                 else:
                     slicer.util.pip_install([*plan.pip, "-c", constraints])
 

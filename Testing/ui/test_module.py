@@ -111,3 +111,61 @@ def test_device_choices_follow_what_the_core_supports():
     assert device_choices(2, True) == ["auto", "cpu", "cuda:0", "cuda:1", "mps"]
     for device in device_choices(2, True):
         assert DEVICE_PATTERN.fullmatch(device)
+
+
+@pytest.fixture
+def factory_slicer(monkeypatch):
+    """This environment's packages minus torch and psutil, as a Slicer without them would list them."""
+    from MaxQuerySlicerLib import dependencies
+
+    present = {n: v for n, v in dependencies.installed_versions().items() if n not in ("torch", "psutil")}
+    monkeypatch.setattr(dependencies, "installed_versions", lambda paths=None: dict(present))
+    return present
+
+
+def pytorch_extension(answer):
+    """The PyTorch extension's module as the installer sees it: ``installTorch`` returns None when declined."""
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=False, torchVersionRequirement=None, **kwargs):
+            calls.append((askConfirmation, torchVersionRequirement))
+            return answer
+
+    return types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic), calls
+
+
+def test_declining_torch_stops_with_a_message_and_installs_nothing(app, widget, factory_slicer, monkeypatch):
+    module, calls = pytorch_extension(None)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", module)
+    assert widget.ensureDependencies() is False
+    assert calls == [(True, ">=2.1")]
+    assert [m for m in shim.MESSAGES if m[0] == "pip"] == []
+    assert any("PyTorch was not installed" in text for kind, text in shim.MESSAGES if kind == "error")
+
+
+def test_without_the_pytorch_extension_torch_is_not_taken_from_pypi(app, widget, factory_slicer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    assert widget.ensureDependencies() is False
+    assert [m for m in shim.MESSAGES if m[0] == "pip"] == []
+    assert any("PyTorch extension" in text for kind, text in shim.MESSAGES if kind == "error")
+
+
+def test_pip_gets_only_the_missing_packages_and_pins_the_installed_ones(app, widget, factory_slicer, monkeypatch):
+    import slicer
+
+    module, calls = pytorch_extension(types.SimpleNamespace(__version__="2.4.0"))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", module)
+    seen = []
+
+    def pip_install(args, **kwargs):
+        constraints = args[args.index("-c") + 1]
+        seen.append((args[:args.index("-c")], open(constraints).read().splitlines()))
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    assert widget.ensureDependencies() is False  # the fake installers installed nothing, and it says so
+    assert calls and seen[0][0] == ["psutil>=5.9"]
+    pins = seen[0][1]
+    for name in ("numpy", "simpleitk", "pydicom", "scipy", "safetensors"):
+        assert f"{name}=={factory_slicer[name]}" in pins
+    assert any("Still missing" in text for kind, text in shim.MESSAGES if kind == "error")
