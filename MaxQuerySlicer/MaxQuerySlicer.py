@@ -434,7 +434,7 @@ class MaxQuerySlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def pipInstall(plan):
         """pip with a constraints file that pins every installed distribution to its present version."""
-        import importlib
+        import importlib.util
 
         with tempfile.TemporaryDirectory() as folder:
             constraints = str(plan.write_constraints(folder))
