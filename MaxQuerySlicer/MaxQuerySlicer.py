@@ -163,8 +163,7 @@ class MaxQuerySlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.cancelRun()
 
     def onSceneEndClose(self, caller, event):
-        if self.parent.isEnabled():
-            self.initializeParameterNode()
+        self.initializeParameterNode()
 
     def onNodeAdded(self, caller, event):
         qt.QTimer.singleShot(0, self.hideAnomalyVolumesFromInput)  # attributes are set after the node is added

@@ -162,9 +162,23 @@ class ctkCollapsibleButton(QtWidgets.QGroupBox):
     def _text(self):
         return self.title()
 
+    def _collapsed(self):
+        return self.isCheckable() and not self.isChecked()
+
+    def _set_collapsed(self, value):
+        """A collapsed button shows only its title: the contents are hidden (the loader adds them later)."""
+        if not self.isCheckable():
+            self.setCheckable(True)
+            self.toggled.connect(lambda _on: self._show_contents())
+        self.setChecked(not value)
+        QtCore.QTimer.singleShot(0, self._show_contents)
+
+    def _show_contents(self):
+        for child in self.findChildren(QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly):
+            child.setVisible(not self._collapsed())
+
     text = Property(str, _text, QtWidgets.QGroupBox.setTitle)
-    collapsed = Property(bool, lambda self: not self.isChecked() if self.isCheckable() else False,
-                         lambda self, value: (self.setCheckable(True), self.setChecked(not value)))
+    collapsed = Property(bool, _collapsed, _set_collapsed)
 
 
 class ctkSliderWidget(QtWidgets.QWidget):
