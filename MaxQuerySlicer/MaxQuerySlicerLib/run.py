@@ -39,6 +39,25 @@ def core_root() -> Path:
     return Path(spec.origin).resolve().parent.parent
 
 
+class _GrowingFile:
+    """A file another process appends to: ``new_lines()`` returns the complete lines added since the
+    last call (a line still being written is returned next time)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode("utf-8", "replace").splitlines()
+
+
 class ChildRunError(RuntimeError):
     """The child failed; the message says how and ends with the tail of its log."""
 
@@ -67,8 +86,7 @@ class ChildRun:
         self.returncode: int | None = None
         self.started = time.monotonic()
         self._process: subprocess.Popen | None = None
-        self._read_offset = 0
-        self._log_offset = 0
+        self._stdout, self._log = _GrowingFile(self.stdout_path), _GrowingFile(self.log_path)
 
     def start(self) -> "ChildRun":
         import SimpleITK as sitk
@@ -96,38 +114,19 @@ class ChildRun:
         exited = self._process.poll() is not None  # checked first, so no line written before exit is missed
         for event in self._new_events():
             self._apply(event)
-        log = self._new_log_lines()
+        log = self._log.new_lines()
         if exited and self.returncode is None:
             self.returncode = self._process.returncode
         return log
 
     def _new_events(self) -> list[dict]:
-        try:
-            with open(self.stdout_path, "rb") as handle:
-                handle.seek(self._read_offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
-        complete = data[:data.rfind(b"\n") + 1]  # a line still being written is read next time
-        self._read_offset += len(complete)
         events = []
-        for line in complete.decode("utf-8", "replace").splitlines():
+        for line in self._stdout.new_lines():
             try:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a stray print from a library; the log keeps the details
         return events
-
-    def _new_log_lines(self) -> list[str]:
-        try:
-            with open(self.log_path, "rb") as handle:
-                handle.seek(self._log_offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
-        complete = data[:data.rfind(b"\n") + 1]
-        self._log_offset += len(complete)
-        return complete.decode("utf-8", "replace").splitlines()
 
     def _apply(self, event: dict) -> None:
         kind = event.get("event")
