@@ -34,3 +34,33 @@ def test_a_child_that_fails_reports_its_log_tail_and_cleans_up(tmp_path):
     assert "exit status 3" in str(caught.value) and str(caught.value).endswith("line one\nthe real reason")
     child.cleanup()
     assert not child.work_dir.exists()
+
+
+def test_json_progress_lines_are_what_child_run_reads(tmp_path):
+    """The command line's reporter and ChildRun agree on the protocol (one JSON object per line)."""
+    import io
+    import types
+
+    from maxquery.progress import JsonReporter
+
+    stream = io.StringIO()
+    report = JsonReporter(stream)
+    written = {"labels": tmp_path / "input_labels.nii.gz", "summary": tmp_path / "input_summary.json"}
+    result = types.SimpleNamespace(case_score=0.25, lesions=[1, 2], timings={"total": 3.5}, device="cpu",
+                                   notes=["no GPU could be used; the run was on the CPU"])
+    report.start(1)
+    with report.case(run.INPUT_NAME) as progress:
+        progress(0.5, "sliding window")
+    report.case_done(run.INPUT_NAME, result, written)
+    report.done({run.INPUT_NAME: written})
+
+    child = run.ChildRun(sitk.Image(4, 4, 4, sitk.sitkInt16), tmp_path, "cpu", False, 0.99)
+    try:
+        child.stdout_path.write_text(stream.getvalue())
+        child._process = types.SimpleNamespace(poll=lambda: 0, returncode=0)  # an exited child
+        child.poll()
+        assert child.progress() == (1.0, "reading the results")
+        assert child.case_info["notes"] == result.notes and child.case_info["regions"] == 2
+        assert child.check() == {role: path.resolve() for role, path in written.items()}
+    finally:
+        child.cleanup()
