@@ -254,6 +254,26 @@ def childWidgetVariables(widget):
     return ui
 
 
+class ctkDICOMIndexer:
+    """CTK's indexer: ``addFile`` parses a DICOM file and inserts it into the database."""
+
+    def addFile(self, database, path, copyFile=False):
+        import pydicom
+
+        dataset = pydicom.dcmread(str(path), stop_before_pixels=True)
+        database.instances[str(dataset.SOPInstanceUID)] = str(path)
+
+
+class DICOMDatabase:
+    """``slicer.dicomDatabase``: SOP instance UID → file (what the module reads and adds to)."""
+
+    def __init__(self):
+        self.instances: dict[str, str] = {}
+
+    def fileForInstance(self, uid):
+        return self.instances.get(uid, "")
+
+
 class SlicerApp(QtWidgets.QApplication):
     """``slicer.app``: PythonQt connects by signature string, e.g. ``connect("startupCompleted()", f)``."""
 
@@ -435,6 +455,7 @@ def install(scene):
     sys.modules["qt"] = qt
     ctk = types.ModuleType("ctk")
     ctk.ctkCollapsibleButton, ctk.ctkSliderWidget = ctkCollapsibleButton, ctkSliderWidget
+    ctk.ctkDICOMIndexer = ctkDICOMIndexer
     sys.modules["ctk"] = ctk
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget,

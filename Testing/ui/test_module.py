@@ -7,6 +7,7 @@ class layout that breaks in Slicer breaks here too.
 import importlib
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,43 @@ def test_pip_gets_only_the_missing_packages_and_pins_the_installed_ones(app, wid
     for name in ("numpy", "simpleitk", "pydicom", "scipy", "safetensors"):
         assert f"{name}=={factory_slicer[name]}" in pins
     assert any("Still missing" in text for kind, text in shim.MESSAGES if kind == "error")
+
+
+def test_dicom_seg_export_is_added_to_the_dicom_database(app, scene, widget, real_data, tmp_path, monkeypatch):
+    """The CT comes from the DICOM database (as Slicer's loader leaves it); the SEG joins it there."""
+    import numpy as np
+    import pydicom
+    import SimpleITK as sitk
+    import slicer
+
+    from maxquery.inference.result import SegmentationResult
+    from MaxQuerySlicerLib import nodes
+
+    from MaxQuerySlicerLib.export import _with_sop_uids
+
+    folder = tmp_path / "ct"  # the shared series has no SOP instance UIDs; a database needs them
+    folder.mkdir()
+    for source in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(real_data / "totalsegmentator" / "example_ct_dicom")):
+        _with_sop_uids(pydicom.dcmread(source)).save_as(str(folder / Path(source).name))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+    database = shim.DICOMDatabase()
+    for path in files:
+        shim.ctkDICOMIndexer().addFile(database, path)
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    ct = reader.Execute()
+    volume = nodes.add_volume(scene, ct, "dicom ct")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(database.instances))
+    labels = sitk.GetImageFromArray((sitk.GetArrayFromImage(ct) > 40).astype(np.uint8))
+    labels.CopyInformation(ct)
+    anomaly = sitk.Cast(labels, sitk.sitkFloat32)
+    card = widget.logic.core.read_card(widget.logic.core.model_folder(widget.params))
+    result = SegmentationResult(labels, anomaly, anomaly, {}, 0.1, [], card, 0.5)
+    widget.logic.core.add_result(result, volume, widget.params)
+    widget.updateGUIFromParameterNode()
+    assert widget.ui.exportDicomSegButton.isEnabled()
+    written = widget.onExport("dicom-seg", str(tmp_path / "seg.dcm"))
+    uid = str(pydicom.dcmread(str(written), stop_before_pixels=True).SOPInstanceUID)
+    assert database.fileForInstance(uid) == str(written)
+    assert len(database.instances) == len(files) + 1 == 21
