@@ -20,7 +20,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from . import __version__
 from .cases import Case, find_cases
@@ -31,6 +30,7 @@ from .inference import Predictor
 from .inference.resources import MemoryEstimate, check_fits, estimate_memory
 from .inference.writer import check_free, planned_outputs, remove_stale_staging, write_outputs
 from .io import ImageInfo, inspect_image, read_image, validate_ct
+from .progress import KINDS as PROGRESS_KINDS, reporter
 from .scores import SCORES
 
 EXIT_OK = 0
@@ -164,6 +164,9 @@ def _add_output_arguments(group) -> None:
                        help="calibrated anomaly threshold for the lesion table, in (0, 1]: 0.99 flags about 1%% of "
                             "inlier organ voxels")
     group.add_argument("--png", action="store_true", help="also write a review picture")
+    group.add_argument("--progress", choices=PROGRESS_KINDS, default="bar",
+                       help="bar: a progress bar on stderr; json: one JSON object per line on stdout (for a parent "
+                            "process, see maxquery/progress.py)")
 
 
 def _add_inference_arguments(group) -> None:
@@ -281,37 +284,33 @@ def _segment(args: argparse.Namespace) -> int:
         raise next(iter(failed.values()))
     for name, err in failed.items():
         print(f"maxquery: {name}: error: {err}", file=sys.stderr)
+    report, outputs = reporter(args.progress), {}
+    report.start(len(ready))
     for case, info in ready:
         try:
-            result = _run_case(case, info, predictor, args)
+            result, written = _run_case(case, info, predictor, args, report)
         except (InputError, ResourceError) as err:
             if len(cases) == 1:
                 raise
             print(f"maxquery: {case.name}: error: {err}", file=sys.stderr)
             failed[case.name] = err
             continue
-        print(f"{case.name}: case score {result.case_score:.3f}, {len(result.lesions)} region(s), "
-              f"{result.timings['total']:.1f} s on {result.device} -> {args.out}")
-        for note in result.notes:
-            print(f"  note: {note}")
+        report.case_done(case.name, result, written)
+        outputs[case.name] = written
+    report.done(outputs)
     if not failed:
         return EXIT_OK
     print(f"maxquery: {len(failed)} of {len(cases)} cases were not segmented: {', '.join(failed)}", file=sys.stderr)
     return EXIT_RESOURCES if any(isinstance(e, ResourceError) for e in failed.values()) else EXIT_USER_ERROR
 
 
-def _run_case(case: Case, info: ImageInfo, predictor: Predictor, args: argparse.Namespace):
+def _run_case(case: Case, info: ImageInfo, predictor: Predictor, args: argparse.Namespace, report):
     image = read_image(case.path, case.series, info=info)
     validate_ct(image)  # before the progress bar, so that a refusal is one clean line
-    with tqdm(total=100, desc=case.name, unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
-              file=sys.stderr, leave=False) as bar:
-        def progress(fraction: float, stage: str) -> None:
-            bar.set_description(f"{case.name} ({stage})")
-            bar.update(max(0.0, 100 * fraction - bar.n))
-
+    with report.case(case.name) as progress:
         result = predictor.predict(image, progress=progress, anomaly_threshold=args.threshold)
-    write_outputs(result, args.out, case.name, overwrite=args.overwrite, png=args.png, source=case.source())
-    return result
+    written = write_outputs(result, args.out, case.name, overwrite=args.overwrite, png=args.png, source=case.source())
+    return result, written
 
 
 @contextlib.contextmanager

@@ -128,11 +128,19 @@ def candidate_region(result) -> np.ndarray:
 
 
 def create_segmentation(scene, result, reference_node, name: str, region: np.ndarray):
-    """One named, coloured segment per non-background class of the card, plus the candidates segment
-    inside ``region`` (``candidate_region(result)``, computed once by the caller)."""
-    ensure_converters()
+    """A new segmentation node filled by ``fill_segmentation``."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
+    fill_segmentation(node, result, reference_node, region)
+    return node
+
+
+def fill_segmentation(node, result, reference_node, region: np.ndarray) -> None:
+    """Replace the node's segments: one named, coloured segment per non-background class of the card,
+    plus the candidates segment inside ``region`` (``candidate_region(result)``, computed once by the
+    caller)."""
+    ensure_converters()
+    node.GetSegmentation().RemoveAllSegments()
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     matrix = ras_matrix(result.labels)
     labels = sitk.GetArrayViewFromImage(result.labels)
@@ -146,7 +154,6 @@ def create_segmentation(scene, result, reference_node, name: str, region: np.nda
                 terminology.codes_for("candidate", None),
                 (anomaly >= result.anomaly_threshold) & region, matrix)
     node.SetAttribute("MaxQuery.threshold", repr(float(result.anomaly_threshold)))
-    return node
 
 
 def update_candidates(segmentation_node, anomaly_node, threshold: float, region: np.ndarray | None = None) -> int:
@@ -162,8 +169,9 @@ def update_candidates(segmentation_node, anomaly_node, threshold: float, region:
     return int(mask.sum())
 
 
-def create_anomaly_volume(scene, result, name: str, region: np.ndarray | None = None):
-    """The calibrated anomaly map as a scalar volume with the inferno table and a fixed window.
+def create_anomaly_volume(scene, result, name: str, region: np.ndarray | None = None, node=None):
+    """The calibrated anomaly map as a scalar volume with the inferno table and a fixed window
+    (into ``node`` when given, e.g. on a re-run).
 
     With ``region`` (``candidate_region``) the map is kept only there and is 0 elsewhere: the
     calibration describes voxels in and around the organ, and over bone, air or bowel a high score
@@ -174,20 +182,37 @@ def create_anomaly_volume(scene, result, name: str, region: np.ndarray | None = 
         masked = sitk.GetImageFromArray(np.where(region, sitk.GetArrayViewFromImage(anomaly), 0.0).astype(np.float32))
         masked.CopyInformation(anomaly)
         anomaly = masked
-    node = add_volume(scene, anomaly, name)
+    if node is None:
+        node = add_volume(scene, anomaly, name)
+    else:
+        geometry.update_node_from_image(node, anomaly)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID(anomaly_color_table(scene).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(*ANOMALY_WINDOW)
     # Below the window the overlay is transparent, so the CT shows through where nothing stands out.
-    display.SetLowerThreshold(ANOMALY_WINDOW[0])
+    set_overlay_floor(node, None)
     display.SetUpperThreshold(1.0)
     display.ApplyThresholdOn()
     display.SetInterpolate(False)
+    node.SetAttribute(ROLE_TAG, "anomaly")
     node.SetAttribute("MaxQuery.caseScore", repr(float(result.case_score)))
     node.SetAttribute("MaxQuery.region", "organ and tumour + margin" if region is not None else "whole volume")
     node.SetAttribute("MaxQuery.model", f"{result.card.name} {result.card.version}")
     return node
+
+
+def set_overlay_floor(anomaly_node, value: float | None) -> None:
+    """Hide anomaly below ``value`` in the overlay (a cheap preview of a threshold being dragged);
+    ``None`` goes back to the window's lower end."""
+    display = anomaly_node.GetDisplayNode()
+    display.SetLowerThreshold(ANOMALY_WINDOW[0] if value is None else max(float(value), ANOMALY_WINDOW[0]))
+
+
+def is_anomaly_volume(node) -> bool:
+    return node is not None and node.GetAttribute(ROLE_TAG) == "anomaly"
 
 
 def create_lesion_table(scene, lesions, name: str):
@@ -258,6 +283,16 @@ def show_overlay(scene, background_node, foreground_node, opacity: float) -> Non
 def set_overlay_opacity(scene, opacity: float) -> None:
     for composite in slice_composite_nodes(scene):
         composite.SetForegroundOpacity(float(opacity))
+
+
+def world_ras(node, ras) -> tuple[float, float, float]:
+    """A point in ``node``'s local RAS (as stored in the table) in world RAS, through its parent transform."""
+    transform_node = node.GetParentTransformNode() if node is not None else None
+    if transform_node is None:
+        return tuple(float(v) for v in ras)
+    transform = vtk.vtkGeneralTransform()
+    transform_node.GetTransformToWorld(transform)
+    return tuple(transform.TransformPoint([float(v) for v in ras]))
 
 
 def jump_to(scene, ras) -> None:

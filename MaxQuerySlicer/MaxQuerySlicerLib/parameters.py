@@ -6,11 +6,29 @@ the full application) keep this usable in scripts and in tests against bare MRML
 
 from __future__ import annotations
 
-DEVICES = ("auto", "cuda", "cpu")
+import importlib.util
+import re
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what the core's select_device accepts
 QUALITIES = ("normal", "fast")
 DEFAULTS = {"ModelFolder": "", "Device": "auto", "Quality": "normal", "Threshold": "0.99", "Opacity": "0.5",
             "Show3D": "false"}
-REFERENCES = ("InputVolume", "Segmentation", "AnomalyVolume", "LesionTable")
+REFERENCES = ("InputVolume", "OutputSegmentation", "Segmentation", "AnomalyVolume", "LesionTable")
+
+
+def device_choices(cuda_count: int, mps: bool) -> list[str]:
+    """The devices to offer: auto and cpu always, then each CUDA GPU, then Apple's MPS."""
+    return ["auto", "cpu"] + [f"cuda:{i}" for i in range(cuda_count)] + (["mps"] if mps else [])
+
+
+def available_devices() -> list[str]:
+    """``device_choices`` for this machine (auto and cpu only until torch is installed)."""
+    if importlib.util.find_spec("torch") is None:
+        return device_choices(0, False)
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return device_choices(torch.cuda.device_count() if torch.cuda.is_available() else 0, mps)
 
 
 class Parameters:
@@ -41,8 +59,8 @@ class Parameters:
 
     @device.setter
     def device(self, value: str) -> None:
-        if value not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {value!r}")
+        if not DEVICE_PATTERN.fullmatch(str(value)):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
         self._set("Device", value)
 
     @property

@@ -7,6 +7,7 @@ compiles, and every module the Slicer module imports at run time is shipped.
 
 import ast
 import json
+import os
 import py_compile
 import shutil
 import subprocess
@@ -18,7 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).resolve().parent
 OUR_PACKAGES = ("MaxQuerySlicer", "MaxQuerySlicerLib", "maxquery")
-SLICER_PROVIDED = {"slicer", "qt", "ctk", "vtk", "SimpleITK", "numpy", "pydicom", "PyTorchUtils"}
+CORE_IN_TREE = Path("MaxQuerySlicerLib") / "core"  # where the extension ships the core package
+SLICER_PROVIDED = {"slicer", "qt", "ctk", "vtk", "SimpleITK", "numpy", "pydicom", "PyTorchUtils", "SampleData",
+                   "packaging"}
+NOT_ON_THE_RUN_PATH = {"tqdm", "matplotlib"}  # the command line's --progress bar and --png; never used by the module
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +39,9 @@ def configured(tmp_path_factory):
 
 
 def resolve(tree: Path, name: str) -> Path | None:
-    """The shipped file a dotted module name loads from, or None."""
-    base = tree.joinpath(*name.split("."))
+    """The shipped file a dotted module name loads from, or None (the core from inside the library)."""
+    root = tree / CORE_IN_TREE if name.split(".")[0] == "maxquery" and tree.name != "Logic" else tree
+    base = root.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -45,7 +50,8 @@ def resolve(tree: Path, name: str) -> Path | None:
 
 def imported_names(path: Path, tree: Path) -> set[str]:
     """Absolute names of every module ``path`` imports, at any depth of the file (incl. lazy imports)."""
-    package = ".".join(path.relative_to(tree).parent.parts)  # what a relative import is relative to
+    root = tree / CORE_IN_TREE if (tree / CORE_IN_TREE) in path.parents else tree
+    package = ".".join(path.relative_to(root).parent.parts)  # what a relative import is relative to
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -62,10 +68,11 @@ def imported_names(path: Path, tree: Path) -> set[str]:
     return names
 
 
-def walk_imports(tree: Path, start: str = "MaxQuerySlicer") -> tuple[set[Path], set[str], set[str]]:
-    """Follow imports from the module through our packages: (files reached, missing, third-party)."""
+def walk_imports(tree: Path, starts=("MaxQuerySlicer", "maxquery.cli")) -> tuple[set[Path], set[str], set[str]]:
+    """Follow imports from the module and from the child's command line through our packages:
+    (files reached, missing, third-party)."""
     reached, missing, third_party = set(), set(), set()
-    queue = [start]
+    queue = list(starts)
     while queue:
         name = queue.pop()
         top = name.split(".")[0]
@@ -105,30 +112,72 @@ def test_every_shipped_python_file_compiles(configured, tmp_path):
         py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
 
 
-def test_everything_the_module_imports_is_shipped(configured):
+def test_everything_the_module_and_its_child_import_is_shipped(configured):
     _, _, tree = configured
     reached, missing, third_party = walk_imports(tree)
     assert missing == set()
-    assert tree / "maxquery" / "inference" / "predictor.py" in reached
+    assert tree / CORE_IN_TREE / "maxquery" / "inference" / "predictor.py" in reached
+    assert tree / CORE_IN_TREE / "maxquery" / "progress.py" in reached
     sys.path.insert(0, str(REPO / "MaxQuerySlicer"))
     from MaxQuerySlicerLib import dependencies
 
-    allowed = SLICER_PROVIDED | {r.module for r in dependencies.REQUIREMENTS} | set(sys.stdlib_module_names)
+    installed_on_first_use = {r.module for r in dependencies.RUNTIME} | {"highdicom"}  # highdicom: DICOM SEG export
+    allowed = SLICER_PROVIDED | installed_on_first_use | NOT_ON_THE_RUN_PATH | set(sys.stdlib_module_names)
     assert third_party - allowed == set(), "imported at run time but neither shipped by Slicer nor installed on first use"
+
+
+def test_the_core_cannot_collide_with_another_extensions_package(configured, tmp_path):
+    """No top-level ``maxquery`` beside other extensions' modules; the module uses its own copy even
+    when another ``maxquery`` comes first on the path, and refuses one that is already imported."""
+    _, _, tree = configured
+    assert not (tree / "maxquery").exists()
+    other = tmp_path / "other-extension"
+    (other / "maxquery").mkdir(parents=True)
+    (other / "maxquery" / "__init__.py").write_text("OTHER = True\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(other), str(tree)]), "PATH": os.environ.get("PATH", "")}
+    uses_ours = "import MaxQuerySlicerLib, maxquery.progress; print(maxquery.__file__)"
+    done = subprocess.run([sys.executable, "-c", uses_ours], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).parent.parent == tree / CORE_IN_TREE
+    refuses = "import maxquery; import MaxQuerySlicerLib"
+    done = subprocess.run([sys.executable, "-c", refuses], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "another 'maxquery' package" in done.stderr
+
+
+def test_the_child_process_runs_from_the_shipped_tree(configured):
+    """What ChildRun starts: ``python -m maxquery.cli`` with the shipped core on PYTHONPATH."""
+    _, _, tree = configured
+    env = {**os.environ, "PYTHONPATH": str(tree / CORE_IN_TREE)}
+    done = subprocess.run([sys.executable, "-m", "maxquery.cli", "segment", "--help"], capture_output=True,
+                          text=True, env=env, cwd=tree)
+    assert done.returncode == 0 and "--progress" in done.stdout, done.stderr
 
 
 def test_the_import_check_catches_a_missing_file(configured, tmp_path):
     _, _, tree = configured
     copy = tmp_path / "tree"
     shutil.copytree(tree, copy)
-    (copy / "maxquery" / "inference" / "lesions.py").unlink()
+    (copy / CORE_IN_TREE / "maxquery" / "inference" / "lesions.py").unlink()
     assert walk_imports(copy)[1] == {"maxquery.inference.lesions"}
 
 
-def test_demo_model_is_shipped(configured):
+def test_demo_model_and_demo_case_are_shipped(configured):
     _, _, tree = configured
     for name in ("model_card.json", "model.safetensors"):
         assert (tree / "Resources" / "Models" / "maxquery-liver-demo" / name).is_file()
+    assert (tree / "Resources" / "DemoData" / "liverbench_A_0085.nii.gz").is_file()
+    code = ("import MaxQuerySlicerLib.logic as l; print(l.bundled(l.DEMO_CASE)); print(l.bundled_model_folder())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
+    assert done.stdout.split() == [str(tree / "Resources" / "DemoData" / "liverbench_A_0085.nii.gz"),
+                                   str(tree / "Resources" / "Models" / "maxquery-liver-demo")], done.stderr
+
+
+def test_license_is_the_apache_2_text_that_pyproject_declares():
+    text = (REPO / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 11_000
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
 
 
 def test_extension_metadata_and_index_entry_agree(configured):

@@ -76,8 +76,14 @@ def scene():
 
 
 @pytest.fixture
-def app(scene):
-    return shim.install(scene)
+def app(scene, tmp_path):
+    app = shim.install(scene)
+    # qt.QSettings() of every test starts empty, in a folder of its own
+    shim.QtCore.QSettings.setDefaultFormat(shim.QtCore.QSettings.IniFormat)
+    shim.QtCore.QSettings.setPath(shim.QtCore.QSettings.IniFormat, shim.QtCore.QSettings.UserScope,
+                                  str(tmp_path / "settings"))
+    shim.MESSAGES.clear()
+    return app
 
 
 @pytest.fixture
