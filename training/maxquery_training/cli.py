@@ -19,7 +19,7 @@ import yaml
 from .config import load_config
 from .dataset import DataError
 from .distributed import init_distributed, shutdown
-from .pipeline import load_split, make_plan, read_plan, train_stage1, train_stage2
+from .pipeline import load_split, make_plan, patch_validation, read_plan, train_stage1, train_stage2
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             plan = make_plan(config, args.data, args.work, dist_info)
             cases = load_split(config, args.data, args.work, plan, "training").cases
+            validation = patch_validation(config, args.data, args.work, plan, dist_info)
             if args.stage in ("1", "all"):
-                train_stage1(config, cases, args.work, dist_info)
+                train_stage1(config, cases, args.work, plan, dist_info, validation)
             if args.stage in ("2", "all"):
-                train_stage2(config, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd")
+                train_stage2(config, cases, args.work, plan, dist_info, tag="" if config.qd_loss else "noqd",
+                             validation=validation)
         else:
             from .export import export_model
 

@@ -22,9 +22,9 @@ from maxquery.preprocessing import CTNormalization
 
 from .classes import class_infos
 from .config import TrainingConfig
-from .dataset import PreprocessedDataset, compute_normalization, list_cases, median_spacing
+from .dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
 from .distributed import DistInfo, barrier
-from .trainer import StageTrainer, build_loss, load_checkpoint, seed_everything
+from .trainer import PatchValidation, StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +75,38 @@ def load_split(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Pl
                                plan.normalization, allow_ood=split.startswith("test"))
 
 
+def patch_validation(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan,
+                     dist_info: DistInfo) -> PatchValidation | None:
+    """Validation patches from the dataset's ``validation`` split; None (and a log line) without one."""
+    try:
+        cases = load_split(config, data_root, work_dir, plan, "validation").cases
+    except DataError as err:
+        log.info("no per-epoch validation: %s", err)
+        return None
+    return PatchValidation(cases, config, [c.name for c in class_infos(config.data)], dist_info.device)
+
+
 def check_patch(config: TrainingConfig, net: NetworkConfig) -> None:
     stride = net.total_stride
     if any(p % s for p, s in zip(config.patch_size_zyx, stride)):
         raise ValueError(f"patch_size_zyx {config.patch_size_zyx} must be a multiple of the network stride {stride}")
 
 
-def train_stage1(config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo) -> PlainSegmentationNet:
+def train_stage1(config: TrainingConfig, cases, work_dir: Path, plan: Plan, dist_info: DistInfo,
+                 validation: PatchValidation | None = None) -> PlainSegmentationNet:
     net_cfg = network_config(config)
     check_patch(config, net_cfg)
     seed_everything(config.seed)
     model = PlainSegmentationNet(net_cfg)
     trainer = StageTrainer("stage1", model, build_loss("plain", config, [], ()), config.stage1, config,
-                           cases, work_dir / "stage1", dist_info)
+                           cases, work_dir / "stage1", dist_info, plan.normalization, validation=validation)
     trainer.train()
     return model
 
 
 def train_stage2(
-    config: TrainingConfig, cases, work_dir: Path, dist_info: DistInfo, tag: str = ""
+    config: TrainingConfig, cases, work_dir: Path, plan: Plan, dist_info: DistInfo, tag: str = "",
+    validation: PatchValidation | None = None,
 ) -> MaxQueryNet:
     """MaxQuery on the stage-1 backbone. ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
     net_cfg = network_config(config)
@@ -109,7 +122,7 @@ def train_stage2(
     loss = build_loss("maxquery", config, roles, net_cfg.query_groups)
     out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
     StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, config, cases, out,
-                 dist_info, backbone=model.backbone).train()
+                 dist_info, plan.normalization, backbone=model.backbone, validation=validation).train()
     return model
 
 
