@@ -70,7 +70,9 @@ class MaxQueryNet(nn.Module):
         self.config = config
         dim = config.query_dim
         self.backbone = UNetBackbone(config)
-        self.queries = nn.Parameter(torch.randn(1, config.num_queries, dim) * 0.02)
+        # kMaX-DeepLab initialises the cluster centres with unit variance, so that the queries are
+        # distinct centres from the start (the k-means update itself starts at zero).
+        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, config.num_queries, dim), std=1.0))
         rates = torch.linspace(0, config.drop_path, len(config.kmax_levels)).tolist()
         self.blocks = nn.ModuleList(
             KMaXBlock(config.features[level], dim, config.num_heads, config.ffn_dim, rate)
