@@ -60,11 +60,18 @@ class CTNormalization:
     std: float
 
     @classmethod
-    def from_foreground(cls, values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> "CTNormalization":
+    def from_foreground(cls, values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+                        window: Sequence[float] | None = None) -> "CTNormalization":
+        """Clip to ``window`` (HU) if given, else to the percentiles; z-score with the clipped stats."""
         values = np.asarray(values, dtype=np.float64).ravel()
         if values.size == 0:
             raise ValueError("no foreground voxels to compute the CT normalisation from")
-        low, high = np.percentile(values, [low_pct, high_pct])
+        if window is not None:
+            if len(window) != 2 or not window[0] < window[1]:
+                raise ValueError(f"ct_window must be [low, high] HU with low < high; got {window!r}")
+            low, high = window
+        else:
+            low, high = np.percentile(values, [low_pct, high_pct])
         clipped = np.clip(values, low, high)
         return cls(float(low), float(high), float(clipped.mean()), float(max(clipped.std(), 1e-6)))
 

@@ -35,14 +35,14 @@ def level_shape(config: NetworkConfig, patch, level: int) -> tuple[int, ...]:
 
 
 def explicit_kmeans(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Loop over batches and clusters: the mean of the pixels whose best cluster is n, 0 if none."""
+    """Loop over batches and clusters: the sum of the pixels whose best cluster is n, 0 if none."""
     batch, n_clusters, n_pixels = logits.shape
     centres = torch.zeros(batch, n_clusters, values.shape[-1], dtype=values.dtype)
     for b in range(batch):
         for n in range(n_clusters):
             members = [i for i in range(n_pixels) if int(torch.argmax(logits[b, :, i])) == n]
             if members:
-                centres[b, n] = values[b, members].mean(dim=0)
+                centres[b, n] = values[b, members].sum(dim=0)
     return centres
 
 
@@ -57,12 +57,12 @@ def test_kmeans_update_equals_explicit_centre_update_with_an_empty_cluster():
     expected = explicit_kmeans(logits, values)
     got = kmeans_update(logits, values)
     assert got.shape == (2, 5, 7)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(got[:, 3]) == 0
     # A hard assignment, not a softmax-weighted one: changing a losing logit changes nothing.
     shifted = logits.clone()
     shifted[logits != logits.amax(dim=1, keepdim=True)] -= 0.5
-    torch.testing.assert_close(kmeans_update(shifted, values), got, rtol=0, atol=1e-12)
+    torch.testing.assert_close(kmeans_update(shifted, values), got, rtol=0, atol=0)
 
 
 def test_kmeans_update_toy_example_by_hand():
@@ -70,12 +70,43 @@ def test_kmeans_update_toy_example_by_hand():
     logits = torch.tensor([[[5.0, 5.0, 4.0, 0.0], [0.0, 1.0, 5.0, 9.0], [-1.0, -1.0, -1.0, -1.0]]])
     values = torch.tensor([[[1.0], [2.0], [3.0], [10.0]]])
     got = kmeans_update(logits, values)
-    torch.testing.assert_close(got, torch.tensor([[[1.5], [6.5], [0.0]]]))
+    torch.testing.assert_close(got, torch.tensor([[[3.0], [13.0], [0.0]]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kmeans_update_is_fp32_for_half_precision_values(dtype):
+    """30 000 voxels of value 3 sum to 90 000: above fp16's 65 504 and beyond bf16's exact range."""
+    values = torch.full((1, 30_000, 2), 3.0, dtype=dtype)
+    logits = torch.zeros(1, 4, 30_000, dtype=dtype)
+    logits[:, 1] = 1.0
+    got = kmeans_update(logits, values)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0, 1], torch.tensor([90_000.0, 90_000.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kmax_block_stays_finite_under_autocast(dtype):
+    """A big cluster at a fine level under autocast: no inf in the update, no NaN after the norms."""
+    torch.manual_seed(2)
+    block = KMaXBlock(pixel_channels=4, dim=16, num_heads=8, ffn_dim=32, drop_path=0.0)
+    torch.nn.init.ones_(block.update_scale.norm.weight)  # as after training: the update matters
+    pixels = torch.full((1, 4, 20, 40, 40), 3.0) + 0.01 * torch.randn(1, 4, 20, 40, 40)
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+        queries, logits = block(torch.randn(1, 5, 16), pixels)
+    assert torch.isfinite(queries).all()
+
+
+def test_kmax_block_starts_as_identity_for_the_kmeans_update():
+    """kMaX: the update's last normalisation has a zero scale at initialisation."""
+    block = KMaXBlock(pixel_channels=6, dim=16, num_heads=8, ffn_dim=32, drop_path=0.0)
+    update = block.update_scale(block.update_proj(block.update_norm(torch.randn(2, 5, 16))))
+    assert torch.count_nonzero(update) == 0
 
 
 def test_kmax_block_update_is_the_explicit_kmeans_step():
     torch.manual_seed(1)
-    block = KMaXBlock(pixel_channels=6, dim=16, num_heads=8, ffn_dim=32, drop_path=0.0, dropout=0.0).eval()
+    block = KMaXBlock(pixel_channels=6, dim=16, num_heads=8, ffn_dim=32, drop_path=0.0).eval()
+    torch.nn.init.normal_(block.update_scale.norm.weight)  # a trained block: the update is not zero
     queries = torch.randn(2, 5, 16)
     pixels = torch.randn(2, 6, 3, 4, 5)
     with torch.no_grad():
@@ -84,8 +115,16 @@ def test_kmax_block_update_is_the_explicit_kmeans_step():
         values = block.pixel_value(pixels).flatten(2).transpose(1, 2)
         q = block.query_proj(block.query_norm(queries))
         expected_logits = torch.stack([q[b] @ keys[b] for b in range(2)])
-        centres = explicit_kmeans(expected_logits, values)
-        expected = queries + block.update_norm(centres)  # Eq. 2: C <- C + argmax_N(Q Kᵀ) V
+        sums = explicit_kmeans(expected_logits, values)
+        # Eq. 2: C <- C + argmax_N(Q Kᵀ) V, normalised per channel across the queries as kMaX does
+        def across_queries(x, norm):
+            mean = x.mean(dim=1, keepdim=True)
+            var = x.var(dim=1, unbiased=False, keepdim=True)
+            return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+        update = across_queries(sums, block.update_norm.norm)
+        update = across_queries(update @ block.update_proj.weight.T, block.update_scale.norm)
+        assert update.abs().sum() > 0
+        expected = queries + update
         h = block.self_attn_norm(expected)
         expected = expected + block.self_attn(h, h, h, need_weights=False)[0]
         expected = expected + block.ffn(block.ffn_norm(expected))
@@ -175,23 +214,36 @@ def test_aux_prediction_pairs_assignment_and_classes_of_the_same_queries():
         hook.remove()
     assert len(out.aux) == len(net.blocks)
     for queries, head, aux in zip(incoming, net.aux_class_heads, out.aux):
-        with torch.no_grad():
-            expected = combine(head(queries), aux.query_responses)
-        torch.testing.assert_close(aux.logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aux.class_logits, head(queries), rtol=1e-5, atol=1e-5)
+
+
+def test_aux_prediction_is_upsampled_to_the_label_grid():
+    """kMaX's auxiliary loss: R of a block is upsampled (trilinear) before Z = C_Kᵀ·softmax_N(R)."""
+    torch.manual_seed(3)
+    net = MaxQueryNet(tiny(drop_path=0.0)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 16, 32, 32), with_aux=True)
+        coarse = out.aux[0]
+        fine = coarse.at((16, 32, 32))
+        expected_r = F.interpolate(coarse.query_responses, size=(16, 32, 32), mode="trilinear", align_corners=False)
+    assert fine.logits.shape == (1, 3, 16, 32, 32)
+    torch.testing.assert_close(fine.query_responses, expected_r)
+    torch.testing.assert_close(fine.logits, combine(coarse.class_logits, expected_r))
 
 
 def test_gradients_reach_backbone_queries_and_key_projections_through_deep_supervision():
     torch.manual_seed(5)
     config = tiny(num_classes=3, drop_path=0.0)
     net = MaxQueryNet(config).train()
+    for block in net.blocks:  # past the first step: the update's zero-initialised scale has moved
+        torch.nn.init.constant_(block.update_scale.norm.weight, 0.5)
     x = torch.randn(2, 1, 16, 32, 32)
     out = net(x)
     assert len(out.aux) == len(config.kmax_levels)
     target = torch.randint(0, 3, (2, 16, 32, 32))
     loss = F.cross_entropy(out.logits, target)
     for aux in out.aux:
-        aux_target = F.interpolate(target[:, None].float(), size=aux.logits.shape[2:], mode="nearest")
-        loss = loss + F.cross_entropy(aux.logits, aux_target[:, 0].long())
+        loss = loss + F.cross_entropy(aux.at(target.shape[1:]).logits, target)
     loss.backward()
 
     def nonzero(param):
@@ -236,11 +288,12 @@ def test_output_shapes_and_aux_resolutions(overrides, patch):
     assert out.query_responses.shape == (2, config.num_queries, *patch)
     assert out.assignments.shape == (2, config.num_queries, *patch)
     assert out.class_logits.shape == (2, config.num_queries, 4)
-    assert [a.logits.shape[2:] for a in out.aux] == [level_shape(config, patch, lv) for lv in config.kmax_levels]
+    assert [a.query_responses.shape[2:] for a in out.aux] == [level_shape(config, patch, lv)
+                                                              for lv in config.kmax_levels]
     for aux in out.aux:
-        assert aux.logits.shape[:2] == (2, 4)
+        assert aux.class_logits.shape == (2, config.num_queries, 4)
         assert aux.query_responses.shape[:2] == (2, config.num_queries)
-        torch.testing.assert_close(aux.assignments.sum(1), torch.ones_like(aux.assignments[:, 0]))
+        assert aux.at(patch).logits.shape == (2, 4, *patch)
 
 
 def test_anisotropic_levels_are_really_anisotropic():

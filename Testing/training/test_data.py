@@ -12,6 +12,7 @@ from maxquery_training.classes import class_infos
 from maxquery_training.dataset import (
     IGNORE_INDEX, DataError, PreprocessedDataset, compute_normalization, label_lookup, list_cases, median_spacing,
 )
+from maxquery.preprocessing import CTNormalization
 
 
 def _copy(tiny_msd, tmp_path):
@@ -124,7 +125,7 @@ def test_foreground_oversampling_centres_on_foreground(tiny_msd, tmp_path):
 
 
 def test_augmentation_flips_only_the_configured_axes():
-    flips = [t for t in build_augmentation(AugmentationConfig(mirror_axes=[0, 1])).transforms
+    flips = [t for t in build_augmentation(AugmentationConfig(mirror_axes=[0, 1]), CTNormalization(-150, 350, 60, 80)).transforms
              if isinstance(t, mt.RandFlipd)]
     assert sorted(t.flipper.spatial_axis for t in flips) == [0, 1]
     assert load_config("cpu_demo").augmentation.mirror_axes == []  # laterality kept for the demo model

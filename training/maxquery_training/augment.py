@@ -1,4 +1,10 @@
-"""Patch sampling with foreground oversampling and nnU-Net-style augmentation (MONAI transforms)."""
+"""Patch sampling with foreground oversampling and nnU-Net-style augmentation (MONAI transforms).
+
+Beyond nnU-Net's set, two augmentations for what differs between patients and scanners:
+contrast phase (the organ and its lesions shifted together in HU, on top of a global HU shift, so
+an unenhanced liver of 60 HU and a portal-venous one of 110 HU both occur) and field of view (the
+patch cut to a slab of a few slices with air beyond it, as in a short scan range).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,66 @@ import math
 import numpy as np
 import torch
 from monai import transforms as mt
+from monai.transforms import MapTransform, RandomizableTransform
+from scipy import ndimage
 from torch.utils.data import IterableDataset, get_worker_info
+
+from maxquery.preprocessing import CTNormalization
 
 from .config import AugmentationConfig
 from .dataset import PreprocessedCase
 
 
-def build_augmentation(cfg: AugmentationConfig) -> mt.Compose:
-    """Spatial (rotation, scaling, elastic, mirroring) then intensity (noise, brightness, gamma)."""
+class RandContrastPhased(RandomizableTransform, MapTransform):
+    """Shift the organ region (label ≥ 1, edges softened over a voxel) by a random HU offset and the
+    whole image by another, in the normalised units of ``normalization``."""
+
+    def __init__(self, normalization: CTNormalization, organ_shift_hu: float, global_shift_hu: float,
+                 prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, ("image", "label"))
+        self.units_per_hu = 1.0 / normalization.std
+        self.organ_shift_hu = organ_shift_hu
+        self.global_shift_hu = global_shift_hu
+
+    def __call__(self, data):
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        organ = self.R.uniform(-self.organ_shift_hu, self.organ_shift_hu) * self.units_per_hu
+        overall = self.R.uniform(-self.global_shift_hu, self.global_shift_hu) * self.units_per_hu
+        image = np.asarray(data["image"], dtype=np.float32)
+        weight = ndimage.gaussian_filter((np.asarray(data["label"]) >= 1).astype(np.float32), sigma=(0, 1, 1, 1))
+        return {**data, "image": image + organ * weight + overall}
+
+
+class RandSlabd(RandomizableTransform, MapTransform):
+    """Keep a random slab of ``min_slices``–``max_slices`` slices along z; beyond it the image is
+    air (``air_value``) and the label background, as where a short scan range ends."""
+
+    def __init__(self, air_value: float, min_slices: int, max_slices: int, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, ("image", "label"))
+        self.air_value = air_value
+        self.min_slices, self.max_slices = min_slices, max_slices
+
+    def __call__(self, data):
+        self.randomize(None)
+        depth = np.asarray(data["image"]).shape[1]
+        if not self._do_transform or depth <= self.min_slices:
+            return data
+        size = int(self.R.randint(self.min_slices, min(self.max_slices, depth) + 1))
+        start = int(self.R.randint(0, depth - size + 1))
+        image, label = np.array(data["image"], dtype=np.float32), np.array(data["label"])
+        for array, fill in ((image, self.air_value), (label, 0)):
+            array[:, :start] = fill
+            array[:, start + size:] = fill
+        return {**data, "image": image, "label": label}
+
+
+def build_augmentation(cfg: AugmentationConfig, normalization: CTNormalization) -> mt.Compose:
+    """Spatial (rotation, scaling, elastic, mirroring, slab) then intensity (contrast phase, noise,
+    brightness, gamma). ``normalization`` gives the HU scale and the value of air."""
     angle = math.radians(cfg.rotation_deg)
     spatial = [
         mt.RandAffined(
@@ -30,7 +88,11 @@ def build_augmentation(cfg: AugmentationConfig) -> mt.Compose:
         ))
     spatial += [mt.RandFlipd(keys=("image", "label"), prob=cfg.mirror_prob, spatial_axis=axis)
                 for axis in cfg.mirror_axes]
-    intensity = [
+    air = float(normalization(np.asarray([normalization.clip_low]))[0])
+    if cfg.slab_prob > 0:
+        spatial.append(RandSlabd(air, cfg.slab_slices[0], cfg.slab_slices[1], cfg.slab_prob))
+    intensity = [RandContrastPhased(normalization, cfg.organ_shift_hu, cfg.global_shift_hu, cfg.contrast_prob)]
+    intensity += [
         mt.RandGaussianNoised(keys="image", prob=cfg.noise_prob, std=cfg.noise_std),
         mt.RandScaleIntensityd(keys="image", factors=0.25, prob=cfg.brightness_prob),
         mt.RandAdjustContrastd(keys="image", prob=cfg.gamma_prob, gamma=cfg.gamma_range, retain_stats=True),

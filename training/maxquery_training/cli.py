@@ -20,7 +20,7 @@ import yaml
 from .config import load_config
 from .dataset import DataError
 from .distributed import init_distributed, shutdown
-from .pipeline import MC_DROPOUT_RUN, load_split, make_plan, read_plan, train_stage1, train_stage2
+from .pipeline import MC_DROPOUT_RUN, load_split, make_plan, patch_validation, read_plan, train_stage1, train_stage2
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -70,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             plan = make_plan(config, args.data, args.work, dist_info)
             cases = load_split(config, args.data, args.work, plan, "training").cases
+            validation = patch_validation(config, args.data, args.work, plan, dist_info)
             if args.baseline:
-                train_stage1(config, plan, cases, args.work, dist_info, run=args.baseline)
+                train_stage1(config, plan, cases, args.work, dist_info, validation, run=args.baseline)
             if args.stage in ("1", "all") and not args.baseline:
-                train_stage1(config, plan, cases, args.work, dist_info)
+                train_stage1(config, plan, cases, args.work, dist_info, validation)
             if args.stage in ("2", "all") and not args.baseline:
-                train_stage2(config, plan, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd")
+                train_stage2(config, plan, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd",
+                             validation=validation)
         else:
             from .export import export_model
 

@@ -21,6 +21,10 @@ class DataConfig:
     tumors: dict[int, str] = field(default_factory=lambda: {2: "cyst", 3: "hcc", 4: "metastasis"})
     ood_label: int | None = 9
     spacing_zyx: list[float] | None = None  # None: the median spacing of the training cases
+    # Fixed CT clipping window [low, high] in HU; None: nnU-Net's 0.5/99.5 foreground percentiles.
+    # A fixed window keeps every contrast phase a user may bring inside it, whatever phases the
+    # training data had (percentiles of an unenhanced liver clip a portal-venous one).
+    ct_window: list[float] | None = None
     skip_bad_cases: bool = False
 
     @property
@@ -60,6 +64,13 @@ class AugmentationConfig:
     noise_prob: float = 0.1
     noise_std: float = 0.1
     mirror_prob: float = 0.5
+    # contrast phase: organ region and whole image shifted by up to these HU (0 = off)
+    contrast_prob: float = 0.0
+    organ_shift_hu: float = 40.0
+    global_shift_hu: float = 20.0
+    # field of view: the patch cut to a slab of this many slices (min, max), air beyond it
+    slab_prob: float = 0.0
+    slab_slices: tuple[int, int] = (8, 20)
     # Array axes (z, y, x) = (0, 1, 2) flipped in training and, as nnU-Net does, the only ones
     # test-time mirroring may use. Leave out x when left-right laterality matters and training is short.
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -99,6 +110,7 @@ class TrainingConfig:
     qd_loss: bool = True
     qd_weight: float = 0.1
     deep_supervision: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (maxquery.precision): autocast, fp32 weights
     seed: int = 0
     num_workers: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -125,7 +125,8 @@ def median_spacing(cases: list[CaseFiles]) -> list[float]:
 
 
 def compute_normalization(cases: list[CaseFiles], data: DataConfig, max_samples: int = 10_000_000) -> CTNormalization:
-    """nnU-Net's CT statistics over the foreground (organ and tumour) voxels of the training cases."""
+    """nnU-Net's CT statistics over the foreground (organ and tumour) voxels of the training cases,
+    clipped to the configured ``ct_window`` or, without one, to the foreground's percentiles."""
     rng = np.random.default_rng(0)
     per_case = max(1, max_samples // max(1, len(cases)))
     samples = []
@@ -140,7 +141,7 @@ def compute_normalization(cases: list[CaseFiles], data: DataConfig, max_samples:
         if values.size > per_case:
             values = rng.choice(values, per_case, replace=False)
         samples.append(values)
-    return CTNormalization.from_foreground(np.concatenate(samples))
+    return CTNormalization.from_foreground(np.concatenate(samples), window=data.ct_window)
 
 
 @dataclass

@@ -58,6 +58,25 @@ def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> 
     )
 
 
+def last_validation(history: list[dict]) -> dict:
+    """The last epoch's validation Dice per class and query usage, nested as the card keeps them."""
+    if not history or "val_dice/mean" not in history[-1]:
+        return {}
+    last = history[-1]
+    out: dict = {"validation_dice": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_dice/")}}
+    usage: dict = {}
+    for key, value in last.items():
+        kind, _, rest = key.partition("/")
+        if kind in ("queries_used", "voxel_share"):
+            stage, group = rest.split("/")
+            usage.setdefault(stage, {}).setdefault(group, {})[kind] = value
+    if usage:
+        out["query_usage"] = usage
+        out["query_usage_unused"] = [f"{stage}/{group}" for stage, groups in usage.items()
+                                     for group, row in groups.items() if row["queries_used"] == 0]
+    return out
+
+
 def sml_statistics(predictor: Predictor, cases) -> dict:
     """Per predicted class: voxels, mean and std of the max logit over every training case."""
     statistics = MaxLogitStatistics(len(predictor.card.classes))
@@ -111,9 +130,12 @@ def export_model(
         "training_cases": len(list_cases(data_root, "training")),
         "validation_cases": len(list_cases(data_root, "validation")),
         "run": run, "epochs": len(history), "final_loss": history[-1]["loss"] if history else None,
-        "qd_loss": qd_loss,
+        "qd_loss": qd_loss, "precision": config.precision,
         "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
+        **last_validation(history),
     }
+    for unused in training.get("query_usage_unused", []):
+        log.warning("%s: the %s queries win no voxel on the validation patches", run, unused)
     card = build_card(config, plan, run, training)
     # the baseline's anomaly map is its own method's score, calibrated like MaxQuery's
     score = "maxquery" if architecture == "maxquery" else "mc_dropout" if run == MC_DROPOUT_RUN else "maxlogit"

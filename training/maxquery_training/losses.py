@@ -1,4 +1,8 @@
-"""Losses of paper §3.2: CE + Dice on Z, the query-distribution (QD) loss, deep supervision."""
+"""Losses of paper §3.2: CE + Dice on Z, the query-distribution (QD) loss, deep supervision.
+
+Voxels labelled ``IGNORE_INDEX`` (unseen-type lesions, which may only occur in test labels) take
+part in no term: not in CE, not in Dice, not in QD.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from torch import nn
 
 from maxquery.network import MaskPrediction, MaxQueryOutput
@@ -32,36 +35,37 @@ def query_distribution_loss(
     keeps λ = 0.1 meaningful for any patch. ``class_to_group`` maps class index → group index.
     """
     valid = target != IGNORE_INDEX
-    group_target = class_to_group[target.clamp(max=len(class_to_group) - 1)]
+    group_target = class_to_group[torch.where(valid, target, torch.zeros_like(target))]
     log_probs = query_group_log_probs(responses, groups)
     loss = F.nll_loss(log_probs, group_target, reduction="none")
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
-def downsample_labels(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour label pyramid level for deep supervision (as nnU-Net does)."""
-    if tuple(target.shape[1:]) == tuple(shape):
-        return target
-    return F.interpolate(target[:, None].float(), size=tuple(shape), mode="nearest")[:, 0].long()
-
-
 class SegmentationLoss(nn.Module):
-    """CE + soft Dice (batch Dice, background excluded from Dice, as nnU-Net) on logits."""
+    """CE + soft Dice as nnU-Net: batch Dice over the foreground classes, computed in fp32."""
 
-    def __init__(self) -> None:
+    def __init__(self, smooth: float = 1e-5) -> None:
         super().__init__()
-        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                                  smooth_nr=1e-5, smooth_dr=1e-5)
+        self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # OOD voxels never occur in training labels; ignore them defensively by mapping to background
-        target = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
-        return self.dice_ce(logits.float(), target[:, None])
+        logits = logits.float()
+        valid = target != IGNORE_INDEX
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        probs = logits.softmax(dim=1) * valid.unsqueeze(1)
+        onehot = F.one_hot(torch.where(valid, target, torch.zeros_like(target)), logits.shape[1])
+        onehot = onehot.movedim(-1, 1).to(probs.dtype) * valid.unsqueeze(1)
+        axes = [0] + list(range(2, logits.ndim))  # batch Dice: sums over the batch and space
+        intersection = (probs * onehot).sum(axes)[1:]
+        denominator = (probs.sum(axes) + onehot.sum(axes))[1:]
+        dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
+        return ce + (1 - dice).mean()
 
 
 class MaxQueryLoss(nn.Module):
     """L = L_seg + λ·L_qd (Eq. 8) on the final prediction and, with deep supervision, on every
-    kMaX block's auxiliary prediction, with nnU-Net's halving weights (finest first), normalised."""
+    kMaX block's auxiliary prediction upsampled to the label grid (kMaX-DeepLab's auxiliary loss),
+    with nnU-Net's halving weights (finest first), normalised."""
 
     def __init__(
         self, class_roles: Sequence[str], groups: Sequence[int], qd_weight: float = 0.1,
@@ -76,14 +80,15 @@ class MaxQueryLoss(nn.Module):
         self.register_buffer("class_to_group", torch.tensor([group_of_role[r] for r in class_roles]))
 
     def _term(self, prediction: MaskPrediction, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = downsample_labels(target, prediction.logits.shape[2:])
         seg = self.seg(prediction.logits, target)
         if self.qd_weight == 0.0:
             return seg, seg.new_zeros(())
         return seg, query_distribution_loss(prediction.query_responses, target, self.groups, self.class_to_group)
 
     def forward(self, output: MaxQueryOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        predictions = [output] + (list(reversed(output.aux)) if self.deep_supervision else [])
+        shape = tuple(target.shape[1:])
+        aux = [a.at(shape) for a in reversed(output.aux)] if self.deep_supervision else []
+        predictions = [output] + aux
         weights = torch.tensor([0.5**i for i in range(len(predictions))])
         weights = weights / weights.sum()
         seg_total, qd_total = 0.0, 0.0

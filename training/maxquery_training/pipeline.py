@@ -24,10 +24,10 @@ from maxquery.preprocessing import CTNormalization
 
 from .classes import class_infos
 from .config import TrainingConfig
-from .dataset import PreprocessedDataset, compute_normalization, list_cases, median_spacing
+from .dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
 from .distributed import DistInfo, barrier
 from .planner import Topology, plan_network
-from .trainer import StageTrainer, build_loss, load_checkpoint, seed_everything
+from .trainer import PatchValidation, StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 MC_DROPOUT_RUN = "mc_dropout"
@@ -130,20 +130,35 @@ def planned_config(config: TrainingConfig, plan: Plan) -> TrainingConfig:
     return replace(config, patch_size_zyx=list(plan.patch_size_zyx))
 
 
+def patch_validation(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan,
+                     dist_info: DistInfo) -> PatchValidation | None:
+    """Validation patches from the dataset's ``validation`` split; None (and a log line) without one."""
+    try:
+        cases = load_split(config, data_root, work_dir, plan, "validation").cases
+    except DataError as err:
+        log.info("no per-epoch validation: %s", err)
+        return None
+    return PatchValidation(cases, planned_config(config, plan), [c.name for c in class_infos(config.data)],
+                           dist_info.device)
+
+
 def train_stage1(
-    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, run: str = "stage1"
+    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo,
+    validation: PatchValidation | None = None, run: str = "stage1",
 ) -> PlainSegmentationNet:
     """The plain network; ``run="mc_dropout"`` trains the MC-dropout baseline with the same recipe."""
     seed_everything(config.seed)
     model = PlainSegmentationNet(run_network_config(config, plan, run))
     trainer = StageTrainer(run, model, build_loss("plain", config, [], ()), config.stage1,
-                           planned_config(config, plan), cases, work_dir / run, dist_info)
+                           planned_config(config, plan), cases, work_dir / run, dist_info, plan.normalization,
+                           validation=validation)
     trainer.train()
     return model
 
 
 def train_stage2(
-    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, tag: str = ""
+    config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, tag: str = "",
+    validation: PatchValidation | None = None,
 ) -> MaxQueryNet:
     """MaxQuery on the stage-1 backbone. ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
     stage1 = work_dir / "stage1" / "checkpoint.pt"
@@ -158,7 +173,7 @@ def train_stage2(
     loss = build_loss("maxquery", config, roles, plan.network.query_groups)
     out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
     StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, planned_config(config, plan),
-                 cases, out, dist_info, backbone=model.backbone).train()
+                 cases, out, dist_info, plan.normalization, backbone=model.backbone, validation=validation).train()
     return model
 
 

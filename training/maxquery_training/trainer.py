@@ -2,7 +2,13 @@
 
 Stage 1 pre-trains the backbone with the plain head. Stage 2 builds the MaxQuery network on the
 stage-1 backbone and trains it with the backbone frozen for the first epochs, then at a reduced
-learning rate. RAdam, polynomial decay per iteration, gradient clipping, AMP on CUDA.
+learning rate. RAdam, polynomial decay per iteration, gradient clipping. Precision as configured
+(``precision``: bf16 autocast where the CPU or GPU has it, fp16 with loss scaling on older GPUs);
+weights and optimiser state stay fp32.
+
+After every epoch the model is validated on a fixed set of validation patches, as nnU-Net does
+(its "pseudo Dice": Dice per class over all patches together), and, for MaxQuery, the query usage
+of every stage is measured on them; both go to the log, the history and TensorBoard.
 
 A checkpoint (model, optimiser, epoch, loss history, RNG) is written atomically after every epoch;
 running the same command again resumes from it. Each epoch's data stream is seeded from
@@ -24,11 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from maxquery.network import MaxQueryOutput
+from maxquery.network import MaxQueryNet, MaxQueryOutput
+from maxquery.preprocessing import CTNormalization
+from maxquery.precision import autocast_dtype, precision_name
+from maxquery.query_usage import QueryUsage, stage_responses
 
-from .augment import PatchStream, build_augmentation
+from .augment import PatchStream, build_augmentation, sample_patch
 from .config import StageConfig, TrainingConfig
-from .dataset import PreprocessedCase
+from .dataset import IGNORE_INDEX, PreprocessedCase
 from .distributed import DistInfo, barrier, mean_across_ranks
 from .losses import MaxQueryLoss, SegmentationLoss
 
@@ -62,7 +71,8 @@ class StageTrainer:
     def __init__(
         self, name: str, model: nn.Module, loss_fn: nn.Module, stage: StageConfig, config: TrainingConfig,
         cases: list[PreprocessedCase], out_dir: str | Path, dist_info: DistInfo,
-        backbone: nn.Module | None = None,
+        normalization: CTNormalization, backbone: nn.Module | None = None,
+        validation: "PatchValidation | None" = None,
     ) -> None:
         self.name = name
         self.model = model.to(dist_info.device)
@@ -73,14 +83,15 @@ class StageTrainer:
         self.out_dir = Path(out_dir)
         self.dist = dist_info
         self.backbone = backbone  # stage 2: frozen first, then at backbone_lr_multiplier
-        self.augmentation = build_augmentation(config.augmentation)
+        self.validation = validation
+        self.augmentation = build_augmentation(config.augmentation, normalization)
         backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         groups = [{"params": [p for p in model.parameters() if id(p) not in backbone_ids], "lr_multiplier": 1.0}]
         if backbone is not None:
             groups.append({"params": list(backbone.parameters()), "lr_multiplier": stage.backbone_lr_multiplier})
         self.optimizer = torch.optim.RAdam(groups, lr=stage.learning_rate, weight_decay=stage.weight_decay)
-        self.use_amp = dist_info.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.autocast = autocast_dtype(config.precision, dist_info.device)
+        self.scaler = torch.amp.GradScaler(dist_info.device.type, enabled=self.autocast == torch.float16)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -137,6 +148,8 @@ class StageTrainer:
         writer = _summary_writer(self.out_dir / "tensorboard") if self.dist.is_main else None
         iters = self.stage.iterations_per_epoch
         total_iters = self.stage.epochs * iters
+        if self.dist.is_main:
+            log.info("%s: %s on %s", self.name, precision_name(self.autocast), self.dist.device)
         while not self.finished:
             epoch = self.epoch
             frozen = self._backbone_frozen(epoch)
@@ -156,9 +169,14 @@ class StageTrainer:
                 terms = self._step(model, images, labels)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value
-                bar.set_postfix(loss=f"{terms['loss']:.3f}", frozen=frozen)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", it_s=f"{(i + 1) / (time.time() - start):.2f}",
+                                frozen=frozen)
+            seconds = time.time() - start
             means = {k: mean_across_ranks(v / iters, self.dist) for k, v in sums.items()}
-            means.update(epoch=epoch + 1, seconds=time.time() - start, lr=self.optimizer.param_groups[0]["lr"])
+            means.update(epoch=epoch + 1, seconds=seconds, iterations_per_second=iters / seconds,
+                         lr=self.optimizer.param_groups[0]["lr"])
+            if self.validation is not None and self.dist.is_main:
+                means.update(self.validation.evaluate(self.model, self.autocast))
             self.history.append(means)
             self.epoch = epoch + 1
             self._save()
@@ -169,8 +187,7 @@ class StageTrainer:
                         writer.add_scalar(f"{self.name}/{key}", value, self.epoch)
                 writer.flush()
             if self.dist.is_main:
-                log.info("%s epoch %d/%d: %s", self.name, self.epoch, self.stage.epochs,
-                         ", ".join(f"{k}={v:.4f}" for k, v in means.items() if k != "epoch"))
+                log.info("%s epoch %d/%d: %s", self.name, self.epoch, self.stage.epochs, _epoch_line(means))
             if on_epoch_end is not None:
                 on_epoch_end(self.epoch, means)
         if writer is not None:
@@ -181,7 +198,7 @@ class StageTrainer:
 
     def _step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", enabled=self.use_amp):
+        with torch.autocast(self.dist.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             output = model(images)
         if isinstance(output, MaxQueryOutput):
             terms = self.loss_fn(output, labels)
@@ -195,6 +212,69 @@ class StageTrainer:
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"{self.name}: the loss became {terms['loss'].item()}; lower the learning rate")
         return {k: float(v.detach()) for k, v in terms.items()}
+
+
+class PatchValidation:
+    """A fixed set of validation patches (one around a random foreground voxel and one anywhere, per
+    case, seeded) on which every epoch measures Dice per class and the query usage."""
+
+    def __init__(self, cases: list[PreprocessedCase], config: TrainingConfig, class_names: list[str],
+                 device: torch.device, batch_size: int = 2) -> None:
+        rng = np.random.default_rng(config.seed)
+        patch = tuple(config.patch_size_zyx)
+        pairs = [sample_patch(case, patch, rng, force) for case in cases for force in (True, False)]
+        self.images = torch.from_numpy(np.stack([image for image, _ in pairs]))[:, None]
+        self.labels = torch.from_numpy(np.stack([label for _, label in pairs]).astype(np.int64))
+        self.class_names = class_names
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast: torch.dtype | None) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        num_classes = len(self.class_names)
+        tp, fp, fn = (np.zeros(num_classes, np.int64) for _ in range(3))
+        usage = None
+        for start in range(0, len(self.images), self.batch_size):
+            images = self.images[start:start + self.batch_size].to(self.device)
+            labels = self.labels[start:start + self.batch_size].to(self.device)
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                output = model(images, with_aux=True) if isinstance(model, MaxQueryNet) else model(images)
+            logits = output.logits if isinstance(output, MaxQueryOutput) else output
+            if isinstance(output, MaxQueryOutput):
+                usage = usage or QueryUsage.for_network(model.config.query_groups, len(output.aux))
+                usage.update(stage_responses(output))
+            predicted = logits.argmax(dim=1)
+            valid = labels != IGNORE_INDEX
+            for k in range(1, num_classes):
+                pred_k, true_k = (predicted == k) & valid, labels == k
+                tp[k] += int((pred_k & true_k).sum())
+                fp[k] += int((pred_k & ~true_k).sum())
+                fn[k] += int((~pred_k & true_k).sum())
+        model.train(was_training)
+        dice = {name: 2 * tp[k] / max(2 * tp[k] + fp[k] + fn[k], 1) for k, name in enumerate(self.class_names) if k}
+        result = {f"val_dice/{name}": float(value) for name, value in dice.items()}
+        result["val_dice/mean"] = float(np.mean(list(dice.values())))
+        if usage is not None:
+            for stage, groups in usage.summary().items():
+                for group, row in groups.items():
+                    result[f"queries_used/{stage}/{group}"] = float(row["queries_used"])
+                    result[f"voxel_share/{stage}/{group}"] = row["voxel_share"]
+            unused = usage.unused_groups()
+            if unused:
+                log.warning("query groups that win no voxel on the validation patches: %s", ", ".join(unused))
+        return result
+
+
+def _epoch_line(means: dict[str, float]) -> str:
+    """Losses, speed and validation Dice, and the final stage's queries used per group."""
+    parts = [f"{k}={v:.4f}" for k, v in means.items()
+             if k != "epoch" and not k.startswith(("queries_used/", "voxel_share/"))]
+    used = [f"{k.rsplit('/', 1)[1]} {int(v)}" for k, v in means.items() if k.startswith("queries_used/final/")]
+    if used:
+        parts.append("final queries used: " + ", ".join(used))
+    return ", ".join(parts)
 
 
 def _summary_writer(path: Path):

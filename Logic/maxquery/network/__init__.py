@@ -5,7 +5,7 @@ from torch import nn
 from .backbone import PlainSegmentationNet, UNetBackbone
 from .config import NetworkConfig, small_config
 from .kmax import KMaXBlock, kmeans_update
-from .maxquery_net import MaskPrediction, MaxQueryNet, MaxQueryOutput, combine
+from .maxquery_net import AuxPrediction, MaskPrediction, MaxQueryNet, MaxQueryOutput, combine
 
 ARCHITECTURES = {"maxquery": MaxQueryNet, "plain": PlainSegmentationNet}
 
@@ -18,6 +18,6 @@ def build_network(architecture: str, config: NetworkConfig) -> nn.Module:
 
 
 __all__ = [
-    "ARCHITECTURES", "KMaXBlock", "MaskPrediction", "MaxQueryNet", "MaxQueryOutput", "NetworkConfig",
+    "ARCHITECTURES", "AuxPrediction", "KMaXBlock", "MaskPrediction", "MaxQueryNet", "MaxQueryOutput", "NetworkConfig",
     "PlainSegmentationNet", "UNetBackbone", "build_network", "combine", "kmeans_update", "small_config",
 ]

@@ -1,34 +1,37 @@
 """kMaX transformer decoder blocks (Yu et al., kMaX-DeepLab, 2022) in 3D.
 
 The cross-attention of a block is one k-means step: every pixel is assigned to the query whose
-response is largest (cluster-wise argmax instead of a spatial softmax), and each query moves to
-the mean of the values of the pixels assigned to it. The argmax has no gradient; the assignment
-logits are trained through deep supervision, as in kMaX-DeepLab and the MaxQuery paper (§4.2).
+response is largest (cluster-wise argmax instead of a spatial softmax), and each query moves by
+the sum of the values of the pixels assigned to it. As in kMaX-DeepLab:
+
+- the update is summed in fp32 whatever the autocast (a cluster of many voxels overflows fp16);
+- the summed update is normalised per channel across the queries, so the relative size of the
+  clusters survives (a per-query LayerNorm would erase it), then projected and scaled by a
+  normalisation whose scale starts at zero, so that every block starts as the identity;
+- the argmax has no gradient; the assignment logits are trained through deep supervision.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 def kmeans_update(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Cluster centres from a hard assignment.
+    """Per cluster, the fp32 sum of the values of the pixels whose argmax is that cluster.
 
     Args:
         logits: (B, N, L) assignment logits of N clusters over L pixels.
         values: (B, L, D) pixel values.
 
     Returns:
-        (B, N, D): for each cluster the mean value of the pixels whose argmax is that cluster,
-        zero for a cluster that received no pixel.
+        (B, N, D) float32; zero for a cluster that received no pixel.
     """
-    assignment = F.one_hot(logits.argmax(dim=1), num_classes=logits.shape[1])  # (B, L, N)
-    assignment = assignment.to(values.dtype)
-    sums = torch.einsum("bln,bld->bnd", assignment, values)
-    counts = assignment.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
-    return sums / counts.clamp(min=1.0)
+    batch, clusters = logits.shape[:2]
+    index = logits.argmax(dim=1)  # (B, L)
+    values = values.float()
+    sums = values.new_zeros(batch, clusters, values.shape[2])
+    return sums.scatter_add_(1, index.unsqueeze(-1).expand_as(values), values)
 
 
 class DropPath(nn.Module):
@@ -46,6 +49,23 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class QueryChannelNorm(nn.Module):
+    """Normalises each channel across the queries of a sample: (B, N, D) → (B, N, D).
+
+    kMaX-DeepLab uses BatchNorm over batch × queries here; with the batch of 2 of 3D training, the
+    statistics are taken per sample instead. ``zero_init`` starts the scale at zero.
+    """
+
+    def __init__(self, dim: int, zero_init: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm1d(dim, affine=True)
+        if zero_init:
+            nn.init.zeros_(self.norm.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
 class KMaXBlock(nn.Module):
     """One transformer decoder block: k-means cross-attention, query self-attention, FFN.
 
@@ -53,21 +73,19 @@ class KMaXBlock(nn.Module):
     which the caller turns into this block's auxiliary prediction.
     """
 
-    def __init__(
-        self, pixel_channels: int, dim: int, num_heads: int, ffn_dim: int, drop_path: float, dropout: float
-    ) -> None:
+    def __init__(self, pixel_channels: int, dim: int, num_heads: int, ffn_dim: int, drop_path: float) -> None:
         super().__init__()
         self.pixel_key = nn.Sequential(nn.Conv3d(pixel_channels, dim, 1), nn.InstanceNorm3d(dim, affine=True))
         self.pixel_value = nn.Conv3d(pixel_channels, dim, 1)
         self.query_norm = nn.LayerNorm(dim)
         self.query_proj = nn.Linear(dim, dim)
-        self.update_norm = nn.LayerNorm(dim)
+        self.update_norm = QueryChannelNorm(dim)
+        self.update_proj = nn.Linear(dim, dim, bias=False)
+        self.update_scale = QueryChannelNorm(dim, zero_init=True)
         self.self_attn_norm = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.ffn_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
-        )
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, queries: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +93,10 @@ class KMaXBlock(nn.Module):
         values = self.pixel_value(pixels).flatten(2).transpose(1, 2)  # (B, L, D)
         q = self.query_proj(self.query_norm(queries))  # (B, N, D)
         logits = torch.einsum("bnd,bdl->bnl", q, keys)
-        update = kmeans_update(logits.detach(), values)
-        queries = queries + self.drop_path(self.update_norm(update))
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            update = kmeans_update(logits.detach(), values)
+            update = self.update_scale(self.update_proj(self.update_norm(update)))
+            queries = queries.float() + self.drop_path(update)
         h = self.self_attn_norm(queries)
         queries = queries + self.drop_path(self.self_attn(h, h, h, need_weights=False)[0])
         queries = queries + self.drop_path(self.ffn(self.ffn_norm(queries)))

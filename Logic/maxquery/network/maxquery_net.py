@@ -3,7 +3,8 @@
 pixel features P (InstanceNorm on the last decoder level), mask embeddings C from the queries,
 query responses R = C·Pᵀ, cluster assignment M = softmax_N(R), class logits per query C_K and
 semantic logits Z = C_Kᵀ·M. Each kMaX block adds an auxiliary prediction of the same form from
-its own assignment logits, for deep supervision.
+its own assignment logits, for deep supervision; as in kMaX-DeepLab it is compared with the labels
+at full resolution (``AuxPrediction.at``), so that small tumours do not vanish on a coarse grid.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbone import UNetBackbone
@@ -31,17 +33,35 @@ class MaskPrediction:
 
 
 @dataclass
+class AuxPrediction:
+    """A kMaX block's prediction: its queries' class logits C_K (B, N, K) and its assignment
+    logits R (B, N, *s) on the block's own (coarse) grid."""
+
+    class_logits: torch.Tensor
+    query_responses: torch.Tensor
+
+    def at(self, shape: tuple[int, ...]) -> MaskPrediction:
+        """The prediction on a finer grid: R upsampled (trilinear), then Z = C_Kᵀ·softmax_N(R)."""
+        responses = self.query_responses
+        if tuple(responses.shape[2:]) != tuple(shape):
+            responses = F.interpolate(responses, size=tuple(shape), mode="trilinear", align_corners=False)
+        return MaskPrediction(combine(self.class_logits, responses), responses)
+
+
+@dataclass
 class MaxQueryOutput(MaskPrediction):
     """The final prediction plus one auxiliary prediction per kMaX block (coarse to fine)."""
 
     class_logits: torch.Tensor | None = None  # C_K, (B, N, K)
-    aux: list[MaskPrediction] = field(default_factory=list)
+    aux: list[AuxPrediction] = field(default_factory=list)
 
 
 def combine(class_logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """Z = C_Kᵀ · softmax_N(R) for (B, N, K) class logits and (B, N, *S) responses."""
-    assignments = responses.softmax(dim=1)
-    return torch.einsum("bnk,bn...->bk...", class_logits, assignments)
+    """Z = C_Kᵀ · softmax_N(R) for (B, N, K) class logits and (B, N, *S) responses, in fp32
+    whatever the autocast (the softmax over queries is numerically sensitive)."""
+    with torch.autocast(device_type=responses.device.type, enabled=False):
+        assignments = responses.float().softmax(dim=1)
+        return torch.einsum("bnk,bn...->bk...", class_logits.float(), assignments)
 
 
 class MaxQueryNet(nn.Module):
@@ -50,10 +70,12 @@ class MaxQueryNet(nn.Module):
         self.config = config
         dim = config.query_dim
         self.backbone = UNetBackbone(config)
-        self.queries = nn.Parameter(torch.randn(1, config.num_queries, dim) * 0.02)
+        # kMaX-DeepLab initialises the cluster centres with unit variance, so that the queries are
+        # distinct centres from the start (the k-means update itself starts at zero).
+        self.queries = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, config.num_queries, dim), std=1.0))
         rates = torch.linspace(0, config.drop_path, len(config.kmax_levels)).tolist()
         self.blocks = nn.ModuleList(
-            KMaXBlock(config.features[level], dim, config.num_heads, config.ffn_dim, rate, config.dropout)
+            KMaXBlock(config.features[level], dim, config.num_heads, config.ffn_dim, rate)
             for level, rate in zip(config.kmax_levels, rates)
         )
         self.aux_class_heads = nn.ModuleList(nn.Linear(dim, config.num_classes) for _ in config.kmax_levels)
@@ -75,8 +97,7 @@ class MaxQueryNet(nn.Module):
             incoming = queries
             queries, block_logits = block(queries, levels[level])
             if with_aux:
-                responses = block_logits.unflatten(2, levels[level].shape[2:])
-                aux.append(MaskPrediction(combine(aux_head(incoming), responses), responses))
+                aux.append(AuxPrediction(aux_head(incoming), block_logits.unflatten(2, levels[level].shape[2:])))
         queries = self.final_norm(queries)
         mask_embeddings = self.mask_embed(queries)  # C
         class_logits = self.class_head(queries)  # C_K
