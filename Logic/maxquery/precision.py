@@ -54,3 +54,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """A region that runs in fp32 whatever autocast is active around it (k-means update, softmax)."""
+    return torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..precision import full_precision
+
 
 def kmeans_update(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Per cluster, the fp32 sum of the values of the pixels whose argmax is that cluster.
@@ -93,7 +95,7 @@ class KMaXBlock(nn.Module):
         values = self.pixel_value(pixels).flatten(2).transpose(1, 2)  # (B, L, D)
         q = self.query_proj(self.query_norm(queries))  # (B, N, D)
         logits = torch.einsum("bnd,bdl->bnl", q, keys)
-        with torch.autocast(device_type=queries.device.type, enabled=False):
+        with full_precision(queries.device):
             update = kmeans_update(logits.detach(), values)
             update = self.update_scale(self.update_proj(self.update_norm(update)))
             queries = queries.float() + self.drop_path(update)

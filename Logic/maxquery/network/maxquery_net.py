@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import full_precision
+
 from .backbone import UNetBackbone
 from .config import NetworkConfig
 from .kmax import KMaXBlock
@@ -59,7 +61,7 @@ class MaxQueryOutput(MaskPrediction):
 def combine(class_logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
     """Z = C_Kᵀ · softmax_N(R) for (B, N, K) class logits and (B, N, *S) responses, in fp32
     whatever the autocast (the softmax over queries is numerically sensitive)."""
-    with torch.autocast(device_type=responses.device.type, enabled=False):
+    with full_precision(responses.device):
         assignments = responses.float().softmax(dim=1)
         return torch.einsum("bnk,bn...->bk...", class_logits.float(), assignments)
 
