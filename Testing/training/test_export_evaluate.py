@@ -112,6 +112,12 @@ def test_evaluate_writes_the_tables(exported, mc_dropout_model, tiny_msd, tmp_pa
     assert {r["score"] for r in recorded["ood"] if r["cases"] == "all"} == maxquery_scores
     assert recorded["dice"]["all"]["liver"] == pytest.approx(float(dice[0]["liver"]))
     assert recorded["subsets"] == {"ood": "_005$"}
+    # query usage of the MaxQuery model on the test cases: every stage, the three groups, in the card too
+    assert "Query usage of maxquery-tiny on the test cases" in text and "| final |" in text
+    usage = recorded["query_usage"]
+    assert list(usage) == ["block1", "block2", "final"]
+    assert sum(g["voxel_share"] for g in usage["final"].values()) == pytest.approx(1.0)
+    assert "query_usage" not in load_model_folder(work / "plain").card.metrics
     json.loads((model / "model_card.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
 
 

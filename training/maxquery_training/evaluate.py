@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,10 +30,15 @@ from tqdm import tqdm
 from maxquery.inference import Predictor
 from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, rank_auc
 from maxquery.model_folder import read_model_card, write_model_card
+from maxquery.preprocessing import resample_to_spacing
+from maxquery.query_usage import QueryUsage
 from maxquery.scores import SCORES
 
-from .dataset import list_cases, read_case
+from .dataset import PreprocessedCase, list_cases, read_case
+from .diagnostics import measure_query_usage
 from .regions import ORGAN_MARGIN_MM, organ_region
+
+log = logging.getLogger(__name__)
 
 REGIONS = ("organ", "whole")
 METRIC_TOLERANCE = 0.001  # warn when merged score bins could move a figure by more
@@ -122,6 +128,17 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     return card, tallies, dice_means, case_rows
 
 
+def test_query_usage(predictor: Predictor, data_root: Path) -> QueryUsage:
+    """Query usage of a MaxQuery model over the test cases, preprocessed as inference does."""
+    card = predictor.card
+    air = float(card.normalization(np.asarray([card.normalization.clip_low]))[0])
+    cases = []
+    for case in list_cases(data_root, "test_inlier") + list_cases(data_root, "test_ood"):
+        image = resample_to_spacing(read_case(case)[0], card.spacing_zyx)
+        cases.append(PreprocessedCase(case.case_id, card.normalization(sitk.GetArrayFromImage(image)), None, {}))
+    return measure_query_usage(predictor.network, cases, tuple(card.patch_size_zyx), air, predictor.device)
+
+
 def parse_subsets(specs: list[str]) -> dict[str, re.Pattern]:
     """``NAME=REGEX`` strings → patterns; a clear error for a malformed one."""
     subsets = {}
@@ -150,7 +167,7 @@ def _percent(value: float) -> str:
 
 
 def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], curves: dict,
-                 margin_mm: float, data_root: Path) -> None:
+                 margin_mm: float, data_root: Path, usage_tables: dict[str, str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +198,10 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
               "| model | cases | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
     for r in dice_rows:
         lines.append(f"| {r['model']} | {r['cases']} | " + " | ".join(_percent(r[c]) for c in classes) + " |")
+    for model, table in (usage_tables or {}).items():
+        lines += ["", f"Query usage of {model} on the test cases (queries of the group that win any voxel / "
+                  "queries in the group, and the share of voxels the group wins; argmax over queries of every "
+                  "kMaX block, coarse to fine, and of the final R):", "", table]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     for kind, axes in (("roc", ("false positive rate", "true positive rate")), ("pr", ("recall", "precision"))):
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -231,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maxquery-evaluate: error: {err}", file=sys.stderr)
         return 2
     rows, dice_rows, case_rows, curves = [], [], [], {"roc": {}, "pr": {}}
+    usage_tables: dict[str, str] = {}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
         card, tallies, dice, per_case = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
@@ -242,12 +264,19 @@ def main(argv: list[str] | None = None) -> int:
                 curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
                 curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
         dice_rows += [{"model": card.name, "cases": subset, **values} for subset, values in dice.items()]
+        usage = None
+        if card.architecture == "maxquery":
+            usage = test_query_usage(Predictor(folder, device=args.device), args.data)
+            usage_tables[card.name] = usage.table()
+            for unused in usage.unused_groups():
+                log.warning("%s: the %s queries win no voxel on the test cases", card.name, unused)
         if args.record_in_card:
             card.metrics = json_safe({"dataset": args.data.name, "margin_mm": args.margin_mm,
                                       "subsets": {name: pattern.pattern for name, pattern in subsets.items()},
-                                      "ood": [r for r in rows if r["model"] == card.name], "dice": dice})
+                                      "ood": [r for r in rows if r["model"] == card.name], "dice": dice,
+                                      **({"query_usage": usage.summary()} if usage else {})})
             write_model_card(folder, card)
-    write_report(args.out, rows, dice_rows, case_rows, curves, args.margin_mm, args.data)
+    write_report(args.out, rows, dice_rows, case_rows, curves, args.margin_mm, args.data, usage_tables)
     print((args.out / "report.md").read_text())
     return 0
 
