@@ -5,7 +5,7 @@
 #
 # The shipped model is steps 1, 2 (stage 1 and the QD stage 2 only), 3 (stage2 and stage1) and 4
 # (without the noqd and mc_dropout models), on a 2-core CPU shared with other jobs and without
-# native bf16 (fp32): stage 1 took 51 min, stage 2 37 min. Its stage 1 ran its first 10 epochs
+# native bf16 (fp32): stage 1 took 52 min, stage 2 41 min (beside the before-decoder run). Its stage 1 ran its first 10 epochs
 # under a 24-epoch schedule and was then finished as a 12-epoch run (--set stage1.epochs=12), its
 # stage 2 its first 3 epochs under an 8-epoch schedule, then as a 5-epoch run: the configured
 # epochs are what it had, the learning-rate curve is not exactly this script's.
