@@ -28,6 +28,7 @@ from .errors import (
 )
 from .inference import Predictor
 from .inference.resources import MemoryEstimate, check_fits, estimate_memory
+from .inference.resources import PRECISIONS
 from .inference.writer import check_free, planned_outputs, remove_stale_staging, write_outputs
 from .io import ImageInfo, inspect_image, read_image, validate_ct
 from .progress import KINDS as PROGRESS_KINDS, reporter
@@ -50,8 +51,10 @@ outputs, per case NAME (the file name without suffix, or the DICOM folder's name
 _seriesN when the folder holds several series):
   NAME_labels.nii.gz            labels (uint8, the model card's label values), on the input grid
   NAME_labels.seg.nrrd          the same as a 3D Slicer segmentation, with names and colours
-  NAME_anomaly.nii.gz           calibrated anomaly score, 0-1 (float32)
-  NAME_anomaly_SCORE.nii.gz     each raw score of --scores, higher = more anomalous (float32)
+  NAME_anomaly.nii.gz           calibrated anomaly score, 0-1, in the lesion search region, 0 elsewhere
+                                (uint16 codes with scl_slope 1e-4; readers return floats)
+  NAME_anomaly_SCORE.nii.gz     with --raw-maps: each raw score of --scores, higher = more anomalous
+                                (float32, every voxel)
   NAME_summary.json             input path and DICOM SeriesInstanceUID, case score, lesion
                                 table, model, warnings, timings
   NAME_review.png               a review picture (with --png)
@@ -159,7 +162,9 @@ def _add_input_output_arguments(group) -> None:
 
 def _add_output_arguments(group) -> None:
     group.add_argument("--scores", type=_score_list, default="maxquery",
-                       help=f"comma-separated raw scores to write, from: {', '.join(SCORES)}")
+                       help=f"comma-separated raw scores for --raw-maps, from: {', '.join(SCORES)}")
+    group.add_argument("--raw-maps", action="store_true",
+                       help="also write each --scores map raw, float32, every voxel (large: ~4 bytes per voxel)")
     group.add_argument("--threshold", type=_threshold, default=0.99,
                        help="calibrated anomaly threshold for the lesion table, in (0, 1]: 0.99 flags about 1%% of "
                             "inlier organ voxels")
@@ -177,6 +182,8 @@ def _add_inference_arguments(group) -> None:
     group.add_argument("--mirror", action="store_true",
                        help="average over the axis flips the model was trained with (up to 8x slower)")
     group.add_argument("--batch-size", type=_positive_int, default=2, help="patches per forward pass")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="network precision: auto = bf16 where the CPU or GPU computes it natively, else fp32")
 
 
 # ----------------------------------------------------------------------------- checks before the work
@@ -219,8 +226,9 @@ def _check_device(device: str) -> None:
 def _load_predictor(args: argparse.Namespace) -> Predictor:
     _check_device(args.device)
     try:
-        predictor = Predictor(args.model, device=args.device, fast=args.fast, scores=args.scores,
-                              overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size)
+        predictor = Predictor(args.model, device=args.device, fast=args.fast, scores=_raw_maps(args),
+                              overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
+                              precision=args.precision)
     except ValueError as err:
         if isinstance(err, MaxQueryError):
             raise
@@ -228,6 +236,10 @@ def _load_predictor(args: argparse.Namespace) -> Predictor:
     if predictor.fell_back_to_cpu and args.device != "auto":
         print(f"maxquery: no {args.device} device is available; running on the CPU", file=sys.stderr)
     return predictor
+
+
+def _raw_maps(args: argparse.Namespace) -> list[str]:
+    return list(args.scores) if args.raw_maps else []
 
 
 def _check_outputs_distinct(planned: dict[str, dict[str, Path]]) -> None:
@@ -275,8 +287,7 @@ def _segment(args: argparse.Namespace) -> int:
     cases = find_cases(input_path)
     _check_output_folder(args.out, input_path)
     predictor = _load_predictor(args)
-    score_names = [s.name for s in predictor.scores]
-    planned = {case.name: planned_outputs(args.out, case.name, score_names, args.png) for case in cases}
+    planned = {case.name: planned_outputs(args.out, case.name, _raw_maps(args), args.png) for case in cases}
     _check_outputs_distinct(planned)
     remove_stale_staging(args.out)
     ready, failed = _preflight(cases, predictor, planned, args.overwrite)
@@ -309,7 +320,8 @@ def _run_case(case: Case, info: ImageInfo, predictor: Predictor, args: argparse.
     validate_ct(image)  # before the progress bar, so that a refusal is one clean line
     with report.case(case.name) as progress:
         result = predictor.predict(image, progress=progress, anomaly_threshold=args.threshold)
-    written = write_outputs(result, args.out, case.name, overwrite=args.overwrite, png=args.png, source=case.source())
+    written = write_outputs(result, args.out, case.name, overwrite=args.overwrite, png=args.png, source=case.source(),
+                            raw_maps=_raw_maps(args))
     return result, written
 
 

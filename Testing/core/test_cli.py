@@ -1,7 +1,9 @@
 """``maxquery segment`` end to end on a real CT: every output file, the Slicer segmentation read
 back with slicerio, no overwriting, and a clean non-zero exit with nothing written on bad input."""
 
+import gzip
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import SimpleITK as sitk
 import slicerio
 
 from maxquery.cli import EXIT_USER_ERROR, main
+from maxquery.inference.resources import cpu_has_native_bf16
+from maxquery.inference.writer import ANOMALY_STEP
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,7 @@ def ct(real_data):
 def outputs(tmp_path_factory, model_dir, ct):
     out = tmp_path_factory.mktemp("out")
     assert main(["segment", str(ct), "--model", str(model_dir), "--out", str(out), "--scores", "maxquery,msp",
-                 "--device", "cpu", "--png"]) == 0
+                 "--raw-maps", "--device", "cpu", "--png"]) == 0
     return out
 
 
@@ -41,6 +45,27 @@ def test_every_output_is_written_on_the_input_grid(outputs, ct):
     assert summary["model"]["name"] == "untrained-demo" and summary["calibrated"] is False
     assert {"case_score", "lesions", "timings_s"} <= set(summary)
     assert (outputs / "example_ct_sm_review.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_default_outputs_are_compact_and_raw_maps_only_on_request(tmp_path, model_dir, ct, outputs):
+    out = tmp_path / "default"
+    assert main(["segment", str(ct), "--model", str(model_dir), "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"example_ct_sm_{s}" for s in ("labels.nii.gz", "labels.seg.nrrd", "anomaly.nii.gz", "summary.json"))
+    anomaly_file = out / "example_ct_sm_anomaly.nii.gz"
+    with gzip.open(anomaly_file) as nifti:  # NIfTI-1 header: datatype at 70, scl_slope/scl_inter at 112
+        header = nifti.read(348)
+    assert struct.unpack_from("<h", header, 70)[0] == 512  # uint16 codes
+    assert struct.unpack_from("<ff", header, 112) == pytest.approx((ANOMALY_STEP, 0.0))
+    # Same values as the run with raw maps (deterministic), read back through the scale.
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(anomaly_file)))
+    np.testing.assert_array_equal(values, sitk.GetArrayFromImage(sitk.ReadImage(str(outputs / anomaly_file.name))))
+    assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.5
+    assert np.allclose(values / ANOMALY_STEP, np.rint(values / ANOMALY_STEP), atol=1e-3)
+    summary = json.loads((out / "example_ct_sm_summary.json").read_text())
+    assert summary["precision"] == ("bf16" if cpu_has_native_bf16()[0] else "fp32")
+    raw_size = (outputs / "example_ct_sm_anomaly_maxquery.nii.gz").stat().st_size
+    assert anomaly_file.stat().st_size < raw_size / 2
 
 
 def test_segmentation_reads_back_with_slicerio(outputs, model_dir):

@@ -20,6 +20,7 @@ from maxquery.calibration import AnomalyCalibration
 from maxquery.demo import build_untrained_model
 from maxquery.errors import InputError, ResourceError, RunCancelled
 from maxquery.inference import Predictor, find_lesions
+from maxquery.inference.lesions import SEARCH_MARGIN_MM, grow_mask
 from maxquery.inference.resources import MemoryEstimate, check_fits
 from maxquery.inference.sliding_window import (
     gaussian_importance, mirror_axis_sets, mirrored, patch_starts, sliding_window,
@@ -75,8 +76,7 @@ def _onto(image: sitk.Image, reference: sitk.Image, interpolator) -> sitk.Image:
 
 
 def _all_images(result):
-    return {"labels": result.labels, "anomaly": result.anomaly, "anomaly_minmax": result.anomaly_minmax,
-            **{f"raw {n}": im for n, im in result.raw_scores.items()}}
+    return {"labels": result.labels, "anomaly": result.anomaly, **{f"raw {n}": im for n, im in result.raw_scores.items()}}
 
 
 def test_predictor_api(predictor):
@@ -202,9 +202,11 @@ def test_calibrated_anomaly_and_case_score(ct_sm_result, predictor):
     foreground = sitk.GetArrayViewFromImage(ct_sm_result.labels) != 0
     # The calibration was fitted on this case's foreground: about 1 % of it lies above 0.99.
     assert 0.002 < (anomaly[foreground] >= 0.99).mean() < 0.03
-    assert np.corrcoef(anomaly.ravel(), raw.ravel())[0, 1] > 0.8  # monotone map of the raw score
-    minmax = sitk.GetArrayViewFromImage(ct_sm_result.anomaly_minmax)
-    assert minmax.min() >= 0.0 and minmax.max() <= 1.0 and minmax.max() - minmax.min() > 0.8
+    assert np.corrcoef(anomaly[foreground], raw[foreground])[0, 1] > 0.8  # monotone map of the raw score
+    # Zero beyond the lesion search region (foreground grown by 10 mm), plus one 5 mm model voxel.
+    spacing = tuple(reversed(ct_sm_result.labels.GetSpacing()))
+    far = ~grow_mask(foreground, spacing, SEARCH_MARGIN_MM + 2 * max(SPACING))
+    assert far.sum() > 1000 and np.all(anomaly[far] == 0.0)
     assert 0.0 <= ct_sm_result.case_score <= 1.0
     summary = ct_sm_result.summary()
     assert summary["calibrated"] is True and summary["model"]["name"] == "untrained-demo"
@@ -214,8 +216,11 @@ def test_missing_calibration_falls_back_to_min_max_and_says_so(tmp_path, ct_sm):
     folder = build_untrained_model(tmp_path / "m", seed=1, patch_size_zyx=PATCH, spacing_zyx=(6.0, 6.0, 6.0), **LIGHT)
     result = Predictor(folder, device="cpu").predict(ct_sm)
     assert result.calibrated is False and any("calibration" in note for note in result.notes)
-    np.testing.assert_allclose(sitk.GetArrayViewFromImage(result.anomaly),
-                               sitk.GetArrayViewFromImage(result.anomaly_minmax))
+    anomaly = sitk.GetArrayViewFromImage(result.anomaly)
+    inside = anomaly > 0
+    assert anomaly.max() <= 1.0 and inside.sum() > 1000
+    raw = sitk.GetArrayViewFromImage(result.raw_scores["maxquery"])[inside]
+    assert np.corrcoef(anomaly[inside], raw)[0, 1] > 0.95  # the min-max map: affine in the raw score
 
 
 def test_fast_mode_runs_coarser_and_keeps_the_geometry(model_dir, ct_sm):
@@ -223,6 +228,43 @@ def test_fast_mode_runs_coarser_and_keeps_the_geometry(model_dir, ct_sm):
     assert fast.spacing_zyx == tuple(2 * s for s in fast.card.spacing_zyx)
     result = fast.predict(ct_sm)
     assert _geometry(result.anomaly) == _geometry(ct_sm) and any("fast mode" in n for n in result.notes)
+    # The calibration was fitted at the model spacing: a fast run is marked uncalibrated, with why.
+    assert result.calibrated is False and result.summary()["calibrated"] is False
+    assert any("not calibrated for this run" in n and "10 x 10 x 10 mm" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("settings, reason", [(dict(overlap=0.25), "overlap 0.25"), (dict(fast=True), "fitted at 5 x 5 x 5")])
+def test_calibration_holds_only_under_the_settings_it_was_fitted_with(model_dir, settings, reason):
+    card = load_model_folder(model_dir).card
+    assert Predictor(model_dir, device="cpu").calibration_mismatch == []  # fitted with the defaults
+    mismatch = Predictor(model_dir, device="cpu", **settings).calibration_mismatch
+    assert len(mismatch) == 1 and reason in mismatch[0]
+    recorded = AnomalyCalibration.fit("maxquery", np.arange(10.0), conditions=Predictor(
+        model_dir, device="cpu", overlap=0.25).calibration_conditions())
+    assert AnomalyCalibration.from_dict(recorded.to_dict()) == recorded
+    assert recorded.mismatches({"spacing_zyx": list(SPACING), "overlap": 0.25, "mirror": False}, card.spacing_zyx) == []
+    assert "mirroring on" in recorded.mismatches({"spacing_zyx": list(SPACING), "overlap": 0.25, "mirror": True},
+                                                 card.spacing_zyx)[0]
+
+
+def test_labels_follow_the_resampled_probabilities_not_model_voxel_blocks(predictor, ct_sm, ct_sm_result):
+    """On an input finer than the model grid, nearest-neighbour labels are constant over the input
+    voxels nearest to one model voxel (staircases); labels from resampled probabilities are not."""
+    grid = resample_to_spacing(to_canonical(ct_sm), predictor.spacing_zyx)
+
+    def model_index(i):  # continuous model-grid index of input index i (x, y, z)
+        return np.asarray(grid.TransformPhysicalPointToContinuousIndex(ct_sm.TransformIndexToPhysicalPoint(i)))
+
+    offset = model_index([0, 0, 0])
+    matrix = np.stack([model_index(list(e)) - offset for e in np.eye(3, dtype=int)], axis=1)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in ct_sm.GetSize()], indexing="ij"), -1).reshape(-1, 3)
+    nearest = np.rint(index @ matrix.T + offset).astype(int)
+    labels = sitk.GetArrayViewFromImage(ct_sm_result.labels)[tuple(index[:, ::-1].T)]
+    block = np.ravel_multi_index((nearest - nearest.min(0)).T, np.ptp(nearest, 0) + 1)
+    order = np.argsort(block, kind="stable")
+    starts = np.flatnonzero(np.diff(block[order], prepend=-1))
+    mixed = np.count_nonzero(np.minimum.reduceat(labels[order], starts) != np.maximum.reduceat(labels[order], starts))
+    assert mixed > 20
 
 
 def test_lesion_table_on_a_known_layout(predictor):

@@ -66,6 +66,6 @@ def result(real_data, ct_image, card) -> SegmentationResult:
         images.append(image)
     lesion = Lesion(1, "anomaly", "liver", 12.5, 463, 0.8, 0.99,
                     ct_image.TransformContinuousIndexToPhysicalPoint((40.0, 50.0, 15.0)))
-    return SegmentationResult(labels=images[0], anomaly=images[1], anomaly_minmax=images[1],
+    return SegmentationResult(labels=images[0], anomaly=images[1],
                               raw_scores={"maxquery": images[1]}, case_score=0.42, lesions=[lesion], card=card,
                               anomaly_threshold=0.5)

@@ -146,6 +146,7 @@ def export_model(
             card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
         torch.manual_seed(0)  # the baseline's dropout masks: the same calibration from the same run
         samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
-    card.calibration = AnomalyCalibration.fit(score, samples)
+        conditions = predictor.calibration_conditions()  # the predictor marks runs that differ
+    card.calibration = AnomalyCalibration.fit(score, samples, conditions=conditions)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)
     return save_model_folder(out, card, network, overwrite=overwrite)

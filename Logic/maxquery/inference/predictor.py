@@ -2,8 +2,9 @@
 
 image → reorient to LPS → resample to the model spacing → CT normalisation → Gaussian sliding
 window (class probabilities and every requested score's per-patch map, aggregated with the same
-weights) → labels, finalised scores, calibrated anomaly, lesion table on the model grid → back to
-the input grid, whose geometry every output reproduces exactly.
+weights, in the precision ``resources.select_precision`` picks) → finalised scores, calibrated
+anomaly, lesion table on the model grid → back to the input grid (``input_grid``), whose geometry
+every output reproduces exactly. Each stage's time is recorded in ``SegmentationResult.timings``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from ..io import image_from_array, validate_ct
 from ..metrics import case_score
 from ..model_folder import load_model_folder
 from ..network import MaskPrediction
-from ..preprocessing import resample_like, resample_to_spacing, to_canonical
+from ..preprocessing import resample_to_spacing, to_canonical
 from ..scores import ScoreContext, get_score, mc_dropout_prediction
-from .lesions import find_lesions
-from .resources import check_fits, cpu_threads, estimate_memory, select_device, torch_threads
+from .input_grid import MapsOnInputGrid, labels_on_input_grid, map_on_input_grid, model_image
+from .lesions import find_lesions, search_region
+from .resources import check_fits, cpu_threads, estimate_memory, select_device, select_precision, torch_threads
 from .result import SegmentationResult
 from .sliding_window import mirror_axis_sets, mirrored, sliding_window
 
 FAST_SPACING_FACTOR = 2.0  # fast mode: twice the model spacing per axis, about 8x fewer voxels
 
 # Share of the progress bar per stage; the sliding window dominates the run time.
-_STAGES = {"preprocessing": (0.0, 0.1), "sliding window": (0.1, 0.85), "postprocessing": (0.85, 0.93),
+_STAGES = {"preprocessing": (0.0, 0.1), "sliding window": (0.1, 0.9), "postprocessing": (0.9, 0.93),
            "resampling to the input grid": (0.93, 1.0)}
 
 
@@ -59,17 +61,19 @@ class Predictor:
     ``mirror_axes``; 8x slower for all three). ``fast`` runs at
     ``FAST_SPACING_FACTOR`` times the model spacing. ``device``: ``auto`` (CUDA, then MPS, then
     CPU), ``cpu``, ``cuda`` or ``mps``; ``fell_back_to_cpu`` tells whether an accelerator was
-    wanted but none could be used.
+    wanted but none could be used. ``precision``: ``auto``, ``fp32`` or ``bf16`` (see
+    ``resources.select_precision``); ``self.precision`` says what is used and why.
     """
 
     def __init__(
         self, model_folder: str | Path, device: str = "auto", fast: bool = False,
         scores: Sequence[str] = ("maxquery",), overlap: float = 0.5, mirror: bool = False,
-        batch_size: int = 2, mc_passes: int = 8, num_threads: int | None = None,
+        batch_size: int = 2, mc_passes: int = 8, num_threads: int | None = None, precision: str = "auto",
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
         self.device, self.fell_back_to_cpu = select_device(device)
+        self.precision = select_precision(precision, self.device)
         loaded = load_model_folder(model_folder, device=self.device)
         self.card, self.network, self.folder = loaded.card, loaded.network, loaded.folder
         self.fast, self.overlap, self.mirror = fast, overlap, mirror
@@ -91,6 +95,13 @@ class Predictor:
             raise ValueError(f"the model {self.card.name!r} was trained without mirroring, so test-time "
                              "mirroring would only hurt it; run without mirroring")
         self.spacing_zyx = tuple(s * (FAST_SPACING_FACTOR if fast else 1.0) for s in self.card.spacing_zyx)
+        self.calibration_mismatch = (
+            calibration.mismatches(self.calibration_conditions(), self.card.spacing_zyx) if calibration else [])
+
+    def calibration_conditions(self) -> dict:
+        """The settings that shape the raw scores; a calibration fitted with this predictor records them."""
+        return {"spacing_zyx": [float(s) for s in self.spacing_zyx], "overlap": float(self.overlap),
+                "mirror": bool(self.mirror)}
 
     # -- public -------------------------------------------------------------------------------
 
@@ -135,63 +146,64 @@ class Predictor:
         start = clock = time.perf_counter()
         step("preprocessing")
         grid = resample_to_spacing(to_canonical(image), self.spacing_zyx)
+        clock = _lap(timings, "reorient and resample", clock)
         volume = torch.from_numpy(self.card.normalization(sitk.GetArrayViewFromImage(grid)))
         self._check_memory(image, volume.shape)
-        clock = _lap(timings, "preprocessing", clock)
+        clock = _lap(timings, "normalisation", clock)
 
         k = self.card.network.num_classes
         maps = sliding_window(
             volume, self._patch_fn(), k + len(self.scores), self.card.patch_size_zyx, self.overlap,
             self._batch, self._pad_value(), self.device,
-            on_batch=lambda done, total: step("sliding window", done / total), cancel=cancel,
+            on_batch=lambda done, total: step("sliding window", done / total), cancel=cancel, timings=timings,
         )
         del volume
         clock = _lap(timings, "network", clock)
+        timings["network"] = round(timings["network"] - timings["aggregation"], 3)
 
         step("postprocessing")
-        indices = maps[:k].argmax(dim=0).numpy().astype(np.uint8)
-        label_values = np.asarray([c.value for c in self.card.classes], np.uint8)[indices]
+        probabilities = maps[:k].numpy()
+        indices = probabilities.argmax(axis=0).astype(np.uint8)
+        label_values = np.asarray([c.value for c in self.card.classes], np.uint8)
         context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing_zyx=self.spacing_zyx)
         raw = {}
         for i, score in enumerate(self.scores):
             aggregated = maps[k + i].numpy()
             raw[score.name] = score.finalize(aggregated, context) if score.finalize else aggregated
-        del maps
         primary = raw[self.anomaly_score]
-        minmax = _min_max(primary)
-        calibrated = self.card.calibration(primary) if self.card.calibration else minmax
+        calibrated = self.card.calibration(primary) if self.card.calibration else _min_max(primary)
         tumour = np.isin(indices, self.card.tumor_indices)
-        model_grid = {"labels": _like(label_values, grid), "anomaly": _like(calibrated, grid)}
-        lesions = find_lesions(model_grid["labels"], model_grid["anomaly"], self.card, threshold)
+        model_labels = model_image(label_values[indices], grid)
+        lesions = find_lesions(model_labels, model_image(calibrated, grid), self.card, threshold)
         case_scores = {name: case_score(values, tumour) for name, values in raw.items()}
         score = float(self.card.calibration(np.asarray(case_scores[self.anomaly_score]))) if self.card.calibration \
-            else case_score(minmax, tumour)  # min-max is affine: the mean of the map is the mean's image
-        clock = _lap(timings, "postprocessing", clock)
+            else case_score(calibrated, tumour)  # min-max is affine: the mean of the map is the mean's image
+        region = search_region(label_values[indices], self.spacing_zyx)
+        clock = _lap(timings, "scores and lesions", clock)
 
         step("resampling to the input grid")
-        outputs = {"labels": model_grid["labels"], "anomaly": model_grid["anomaly"],
-                   "anomaly_minmax": _like(minmax, grid), **{f"raw:{n}": _like(a, grid) for n, a in raw.items()}}
-        back = {}
-        for i, (name, model_image) in enumerate(outputs.items()):
-            back[name] = _to_input_grid(model_image, image, is_label=name == "labels")
-            step("resampling to the input grid", (i + 1) / len(outputs))
-        _lap(timings, "resampling", clock)
+        labels = labels_on_input_grid(probabilities, label_values, grid, image)
+        del maps, probabilities
+        clock = _lap(timings, "labels to input grid", clock)
+        step("resampling to the input grid", 0.5)
+        anomaly = map_on_input_grid(calibrated, grid, image, region)
+        _lap(timings, "anomaly to input grid", clock)
+        step("resampling to the input grid", 1.0)
         timings["total"] = round(time.perf_counter() - start, 3)
+        calibrated_ok = self.card.calibration is not None and not self.calibration_mismatch
         return SegmentationResult(
-            labels=back["labels"], anomaly=back["anomaly"], anomaly_minmax=back["anomaly_minmax"],
-            raw_scores={n: back[f"raw:{n}"] for n in raw}, case_score=score, case_scores=case_scores,
-            lesions=lesions, card=self.card,
-            anomaly_threshold=threshold, device=str(self.device), timings=timings,
-            anomaly_score=self.anomaly_score, calibrated=self.card.calibration is not None,
-            notes=self._notes(), image=image,
+            labels=labels, anomaly=anomaly, raw_scores=MapsOnInputGrid(raw, grid, image), case_score=score, case_scores=case_scores,
+            lesions=lesions, card=self.card, anomaly_threshold=threshold, device=str(self.device),
+            precision=self.precision.name, timings=timings, anomaly_score=self.anomaly_score,
+            calibrated=calibrated_ok, notes=self._notes(), image=image,
         )
 
     def _patch_fn(self):
         """(B, 1, *P) patches → (B, K + S, *P): softmax probabilities, then one map per score."""
         deterministic = [s for s in self.scores if not s.stochastic_passes]
         stochastic = [s for s in self.scores if s.stochastic_passes]
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if self.device.type == "cuda" \
-            else contextlib.nullcontext
+        dtype = self.precision.dtype
+        autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -238,9 +250,14 @@ class Predictor:
         if self.card.calibration is None:
             notes.append("the model card has no anomaly calibration: 'anomaly' is the per-case min-max map, "
                          "so a threshold does not mean the same thing in every case")
+        elif self.calibration_mismatch:
+            notes.append("the anomaly map is not calibrated for this run (" + "; ".join(self.calibration_mismatch)
+                         + "): a threshold does not give the stated false-alarm rate")
         if self.fast:
             spacing = " x ".join(f"{s:g}" for s in self.spacing_zyx)
             notes.append(f"fast mode: the network ran at {spacing} mm (z, y, x), coarser than it was trained on")
+        if self.precision.slow:
+            notes.append(f"{self.precision.reason}: expect it to be much slower than fp32")
         if self.fell_back_to_cpu:
             notes.append("no GPU could be used; the run was on the CPU")
         return notes
@@ -263,14 +280,3 @@ def _min_max(array: np.ndarray) -> np.ndarray:
     return ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
 
 
-def _like(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.CopyInformation(grid)
-    return image
-
-
-def _to_input_grid(image: sitk.Image, reference: sitk.Image, is_label: bool) -> sitk.Image:
-    """Resample onto the input grid; the model grid is first extended by its edge values so that
-    input voxels beyond the last model voxel centre (up to half a model voxel) get a value."""
-    extended = sitk.ZeroFluxNeumannPad(image, [1, 1, 1], [1, 1, 1])
-    return resample_like(extended, reference, is_label=is_label)

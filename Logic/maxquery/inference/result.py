@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import SimpleITK as sitk
@@ -28,24 +29,27 @@ class SegmentationResult:
     """All images share the input image's grid exactly (size, spacing, origin, direction).
 
     ``labels`` holds the card's label values (uint8); ``anomaly`` the calibrated MaxQuery score in
-    [0, 1] (see ``maxquery.calibration``); ``anomaly_minmax`` the paper's per-case min-max version;
-    ``raw_scores`` every requested registry score, raw, higher = more anomalous. When the model card
-    has no calibration, ``calibrated`` is False and ``anomaly`` is the min-max map (see ``notes``).
+    [0, 1] (see ``maxquery.calibration``) inside the lesion search region (predicted organ and
+    tumour grown by ``lesions.SEARCH_MARGIN_MM``), where the calibration holds, and 0 elsewhere;
+    ``raw_scores`` every requested registry score, raw, higher = more anomalous, at every voxel
+    (each resampled when first read). When the model card has no calibration ``anomaly`` is the
+    paper's per-case min-max map; then, and when the run's settings differ from the calibration's
+    (fast mode, mirroring, another overlap), ``calibrated`` is False and ``notes`` says why.
     """
 
     labels: sitk.Image
     anomaly: sitk.Image
-    anomaly_minmax: sitk.Image
-    raw_scores: dict[str, sitk.Image]
+    raw_scores: Mapping[str, sitk.Image]
     case_score: float  # case_scores[anomaly_score] on the anomaly map's scale (maxquery.metrics.case_score)
     lesions: list[Lesion]
     card: ModelCard
     anomaly_threshold: float
     device: str = "cpu"
+    precision: str = "fp32"  # the network's compute type: fp32, bf16 or fp16
     timings: dict[str, float] = field(default_factory=dict)
     anomaly_score: str = "maxquery"  # the registry score that ``anomaly`` calibrates
-    calibrated: bool = True  # False: the card has no calibration and ``anomaly`` is the min-max map
-    notes: list[str] = field(default_factory=list)  # caveats to show the user (fast mode, no calibration)
+    calibrated: bool = True  # False: no calibration in the card, or one fitted under other settings
+    notes: list[str] = field(default_factory=list)  # caveats to show the user (fast mode, calibration)
     image: sitk.Image | None = None  # the input CT (same object, not a copy), for review pictures
     case_scores: dict[str, float] = field(default_factory=dict)  # per score: raw mean in the predicted tumour
 
@@ -63,5 +67,6 @@ class SegmentationResult:
             "lesions": [asdict(lesion) for lesion in self.lesions],
             "classes": [c.to_dict() for c in self.card.classes],
             "device": self.device,
+            "precision": self.precision,
             "timings_s": self.timings,
         }

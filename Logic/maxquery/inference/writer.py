@@ -4,21 +4,35 @@ Files are written into a hidden temporary folder inside the output folder and mo
 only when every one of them was written and checked, so an error, a full disk or a signal never
 leaves a half-written case behind. The temporary folder names its host and process, so that one
 left by a killed process is removed by the next run.
+
+What each file keeps, and why it is enough:
+- labels (``_labels.nii.gz``, ``.seg.nrrd``): uint8 label values, exact.
+- calibrated anomaly (``_anomaly.nii.gz``): uint16 codes with the NIfTI ``scl_slope``
+  ``ANOMALY_STEP`` (readers such as ITK, Slicer and nibabel return code × step as float).
+  The calibration is an empirical CDF on 2001 levels (steps of 5e-4), so a step of 1e-4 is
+  finer than anything the calibration can tell apart: no threshold decision changes. The map is 0
+  outside the lesion search region, so the file compresses to a few MB instead of 250 MB of
+  float32 noise.
+- raw scores (``_anomaly_<score>.nii.gz``, only when asked for): float32, every voxel, unscaled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import WriteFailed
@@ -27,10 +41,14 @@ from ..io import write_segmentation_nrrd
 from .result import SegmentationResult
 
 STAGING_PREFIX = ".maxquery-"
+ANOMALY_STEP = 1e-4  # calibrated score per uint16 code in the anomaly file
+# NIfTI-1 header: sizeof_hdr, dim[8] (int16), vox_offset and scl_slope/scl_inter (float32)
+_NIFTI1_HEADER_SIZE, _NIFTI_DIM_OFFSET, _VOX_OFFSET_OFFSET, _SCL_SLOPE_OFFSET = 348, 40, 108, 112
 
 
-def planned_outputs(out_dir: str | Path, name: str, scores: Iterable[str], png: bool = False) -> dict[str, Path]:
-    """The files a case produces, by role: labels, segmentation, anomaly, anomaly_<score>, summary, png."""
+def planned_outputs(out_dir: str | Path, name: str, scores: Iterable[str] = (), png: bool = False) -> dict[str, Path]:
+    """The files a case produces, by role: labels, segmentation, anomaly, anomaly_<score> for each
+    raw map asked for, summary, png."""
     out_dir = Path(out_dir)
     paths = {
         "labels": out_dir / f"{name}_labels.nii.gz",
@@ -55,13 +73,17 @@ def check_free(paths: dict[str, Path], overwrite: bool) -> None:
 
 def write_outputs(
     result: SegmentationResult, out_dir: str | Path, name: str, overwrite: bool = False, png: bool = False,
-    source: dict | None = None,
+    source: dict | None = None, raw_maps: Sequence[str] = (), timings: dict[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write every output of ``result``; returns the final paths by role (see ``planned_outputs``).
-    ``source`` (input path, SeriesInstanceUID) is recorded in the summary. Raises ``WriteFailed``
+    """Write the outputs of ``result``, with the raw maps of the scores in ``raw_maps``; returns the
+    final paths by role (see ``planned_outputs``). ``source`` (input path, SeriesInstanceUID) is
+    recorded in the summary; ``timings`` receives the seconds per file. Raises ``WriteFailed``
     when a file cannot be written completely; nothing of the case is then left."""
     out_dir = Path(out_dir)
-    paths = planned_outputs(out_dir, name, result.raw_scores, png)
+    unknown = [s for s in raw_maps if s not in result.raw_scores]
+    if unknown:
+        raise ValueError(f"no raw map for {', '.join(unknown)}; this run computed {', '.join(result.raw_scores)}")
+    paths = planned_outputs(out_dir, name, raw_maps, png)
     check_free(paths, overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,11 +92,24 @@ def write_outputs(
         raise WriteFailed(f"cannot write into {out_dir} ({err.strerror or err}); choose another output folder") from err
     try:
         staged = {role: staging / path.name for role, path in paths.items()}
+        timings = {} if timings is None else timings
+        clock = time.perf_counter()
+
+        def done(role: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[f"write {role}"] = round(now - clock, 3)
+            clock = now
+
         write_image(sitk.Cast(result.labels, sitk.sitkUInt8), staged["labels"])
+        done("labels")
         write_segmentation_nrrd(result.labels, result.card.classes, staged["segmentation"])
-        write_image(sitk.Cast(result.anomaly, sitk.sitkFloat32), staged["anomaly"])
-        for score, image in result.raw_scores.items():
-            write_image(sitk.Cast(image, sitk.sitkFloat32), staged[f"anomaly_{score}"])
+        done("segmentation")
+        write_quantised_nifti(result.anomaly, staged["anomaly"], ANOMALY_STEP)
+        done("anomaly")
+        for score in raw_maps:
+            write_image(sitk.Cast(result.raw_scores[score], sitk.sitkFloat32), staged[f"anomaly_{score}"])
+            done(f"anomaly_{score}")
         summary = {"case": name, **({"input": source} if source else {}), **result.summary(),
                    "outputs": {r: p.name for r, p in paths.items()}}
         staged["summary"].write_text(json.dumps(summary, indent=1))
@@ -82,6 +117,7 @@ def write_outputs(
             from ..review import write_review_png
 
             write_review_png(result, staged["png"], title=name)
+            done("png")
         for path in staged.values():
             _sync(path)
         with _signals_deferred():  # a case is moved into place whole or not at all
@@ -104,9 +140,36 @@ def write_image(image: sitk.Image, path: Path) -> None:
         sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as err:
         raise WriteFailed(f"ITK could not write {path.name} ({str(err).strip().splitlines()[-1]})") from err
+    _check_complete(path)
+
+
+def _check_complete(path: Path) -> None:
     header = check_header(path) if path.is_file() else None
     if header is None or not header.is_complete():
         raise WriteFailed(f"{path.name} was not written completely (is the disk full?)")
+
+
+def write_quantised_nifti(image: sitk.Image, path: Path, step: float) -> None:
+    """A map in [0, 1] as gzip-compressed NIfTI of uint16 codes round(value / step), scl_slope = step.
+
+    SimpleITK cannot set scl_slope, so the header field is written into the uncompressed file.
+    """
+    values = sitk.GetArrayViewFromImage(image)
+    top = np.iinfo(np.uint16).max
+    if step * top < 1.0:
+        raise ValueError(f"step {step} cannot code values up to 1 in uint16")
+    codes = sitk.GetImageFromArray(np.clip(np.rint(values / step), 0, top).astype(np.uint16))
+    codes.CopyInformation(image)
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    sitk.WriteImage(codes, str(plain), useCompression=False)
+    with open(plain, "r+b") as nifti:
+        if struct.unpack("<i", nifti.read(4))[0] != _NIFTI1_HEADER_SIZE:
+            raise ValueError(f"{plain} is not a NIfTI-1 file; cannot store its scale")
+        nifti.seek(_SCL_SLOPE_OFFSET)
+        nifti.write(struct.pack("<ff", step, 0.0))
+    with open(plain, "rb") as source, gzip.open(path, "wb", compresslevel=6) as target:
+        shutil.copyfileobj(source, target, 1 << 22)
+    plain.unlink()
 
 
 def remove_stale_staging(out_dir: str | Path) -> None:

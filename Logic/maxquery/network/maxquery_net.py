@@ -125,6 +125,11 @@ class MaxQueryNet(nn.Module):
         along the voxels (all of them are per voxel), so only R and Z are full size. Same
         operations per voxel; checked against the training path in the tests.
         """
+        if torch.is_autocast_enabled(features.device.type) or features.dtype != torch.float32:
+            # Precision: InstanceNorm statistics, R and the softmax over queries always in fp32
+            # (R is the MaxQuery score itself); the heads are a small share of the work.
+            with torch.autocast(features.device.type, enabled=False):
+                return self._inference_heads(mask_embeddings.float(), class_logits.float(), features.float())
         batch, channels = features.shape[:2]
         flat_features = features.reshape(batch, channels, -1)  # (B, C, L)
         n_voxels = flat_features.shape[2]
