@@ -104,8 +104,10 @@ def test_every_output_has_the_input_geometry(predictor, real_data, case):
 
 
 def test_labels_are_varied_enough_for_the_consistency_tests(ct_sm_result):
+    # The random network labels ~73 isolated model voxels as tumour classes; resampling the
+    # probabilities (not the argmax) keeps each only near its centre, hence a few dozen input voxels.
     values, counts = np.unique(sitk.GetArrayViewFromImage(ct_sm_result.labels), return_counts=True)
-    assert len(values) >= 3 and np.sort(counts)[-2] >= 100
+    assert len(values) >= 3 and np.sort(counts)[-2] >= 30
 
 
 def test_reoriented_copy_gives_the_same_result_in_physical_space(predictor, ct_sm, ct_sm_result):

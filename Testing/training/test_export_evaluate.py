@@ -44,6 +44,8 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert card.architecture == "maxquery" and [c.name for c in card.classes] == ["background", "liver", "cyst", "hcc", "metastasis"]
     assert card.classes[1].terminology["type"]["code"] == "10200004"
     assert card.calibration.score == "maxquery"
+    # fitted with the predictor's default settings, and the card says so (issue 10, item 9)
+    assert card.calibration.conditions == {"spacing_zyx": list(card.spacing_zyx), "overlap": 0.5, "mirror": False}
     assert np.all(np.diff(card.calibration.values) >= 0)
     stats = card.sml_stats
     assert len(stats["mean"]) == 5 and stats["cases"] == 3  # every training case

@@ -152,24 +152,46 @@ def _check_complete(path: Path) -> None:
 def write_quantised_nifti(image: sitk.Image, path: Path, step: float) -> None:
     """A map in [0, 1] as gzip-compressed NIfTI of uint16 codes round(value / step), scl_slope = step.
 
-    SimpleITK cannot set scl_slope, so the header field is written into the uncompressed file.
+    SimpleITK cannot set scl_slope, so the header comes from SimpleITK writing a one-voxel image
+    of the same geometry; its size fields and scale are then set, and the codes appended. Only
+    the box holding non-zero values is quantised (the map is mostly zero).
     """
     values = sitk.GetArrayViewFromImage(image)
-    top = np.iinfo(np.uint16).max
-    if step * top < 1.0:
+    if step * np.iinfo(np.uint16).max < 1.0:
         raise ValueError(f"step {step} cannot code values up to 1 in uint16")
-    codes = sitk.GetImageFromArray(np.clip(np.rint(values / step), 0, top).astype(np.uint16))
-    codes.CopyInformation(image)
-    plain = path.with_name(path.name.removesuffix(".gz"))
-    sitk.WriteImage(codes, str(plain), useCompression=False)
-    with open(plain, "r+b") as nifti:
-        if struct.unpack("<i", nifti.read(4))[0] != _NIFTI1_HEADER_SIZE:
-            raise ValueError(f"{plain} is not a NIfTI-1 file; cannot store its scale")
-        nifti.seek(_SCL_SLOPE_OFFSET)
-        nifti.write(struct.pack("<ff", step, 0.0))
-    with open(plain, "rb") as source, gzip.open(path, "wb", compresslevel=6) as target:
-        shutil.copyfileobj(source, target, 1 << 22)
-    plain.unlink()
+    codes = np.zeros(values.shape, np.uint16)
+    box = _nonzero_box(values)
+    if box is not None:
+        scaled = np.multiply(values[box], 1.0 / step, dtype=np.float32)
+        np.rint(scaled, out=scaled)
+        codes[box] = np.clip(scaled, 0, np.iinfo(np.uint16).max, out=scaled)
+    header = _nifti_header(image, sitk.sitkUInt16, path.parent)
+    struct.pack_into("<8h", header, _NIFTI_DIM_OFFSET, 3, *image.GetSize(), 1, 1, 1, 1)
+    struct.pack_into("<ff", header, _SCL_SLOPE_OFFSET, step, 0.0)
+    with gzip.open(path, "wb", compresslevel=1) as nifti:  # level 6 is 2x slower and 7 % smaller here
+        nifti.write(header)
+        nifti.write(memoryview(codes).cast("B"))
+
+
+def _nonzero_box(values: np.ndarray) -> tuple[slice, ...] | None:
+    axes = [np.flatnonzero(values.any(axis=tuple(a for a in range(values.ndim) if a != axis)))
+            for axis in range(values.ndim)]
+    return None if axes[0].size == 0 else tuple(slice(a[0], a[-1] + 1) for a in axes)
+
+
+def _nifti_header(image: sitk.Image, pixel_type: int, folder: Path) -> bytearray:
+    """The NIfTI-1 header (and its 4 extension bytes) SimpleITK writes for ``image``'s geometry."""
+    voxel = sitk.Image([1, 1, 1], pixel_type)
+    voxel.SetSpacing(image.GetSpacing())
+    voxel.SetOrigin(image.GetOrigin())
+    voxel.SetDirection(image.GetDirection())
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        sitk.WriteImage(voxel, str(Path(tmp) / "header.nii"), useCompression=False)
+        data = (Path(tmp) / "header.nii").read_bytes()
+    if struct.unpack_from("<i", data)[0] != _NIFTI1_HEADER_SIZE:
+        raise ValueError("SimpleITK did not write a NIfTI-1 header; cannot store the map's scale")
+    offset = int(struct.unpack_from("<f", data, _VOX_OFFSET_OFFSET)[0])
+    return bytearray(data[:offset])
 
 
 def remove_stale_staging(out_dir: str | Path) -> None:
