@@ -20,7 +20,6 @@ from maxquery.calibration import AnomalyCalibration
 from maxquery.demo import build_untrained_model
 from maxquery.errors import InputError, ResourceError, RunCancelled
 from maxquery.inference import Predictor, find_lesions
-from maxquery.inference.lesions import SEARCH_MARGIN_MM, grow_mask
 from maxquery.inference.resources import MemoryEstimate, check_fits
 from maxquery.inference.sliding_window import (
     gaussian_importance, mirror_axis_sets, mirrored, patch_starts, sliding_window,
@@ -205,10 +204,6 @@ def test_calibrated_anomaly_and_case_score(ct_sm_result, predictor):
     # The calibration was fitted on this case's foreground: about 1 % of it lies above 0.99.
     assert 0.002 < (anomaly[foreground] >= 0.99).mean() < 0.03
     assert np.corrcoef(anomaly[foreground], raw[foreground])[0, 1] > 0.8  # monotone map of the raw score
-    # Zero beyond the lesion search region (foreground grown by 10 mm), plus one 5 mm model voxel.
-    spacing = tuple(reversed(ct_sm_result.labels.GetSpacing()))
-    far = ~grow_mask(foreground, spacing, SEARCH_MARGIN_MM + 2 * max(SPACING))
-    assert far.sum() > 1000 and np.all(anomaly[far] == 0.0)
     assert 0.0 <= ct_sm_result.case_score <= 1.0
     summary = ct_sm_result.summary()
     assert summary["calibrated"] is True and summary["model"]["name"] == "untrained-demo"
