@@ -253,7 +253,7 @@ def test_labels_follow_the_resampled_probabilities_not_model_voxel_blocks(predic
         return np.asarray(grid.TransformPhysicalPointToContinuousIndex(ct_sm.TransformIndexToPhysicalPoint(i)))
 
     offset = model_index([0, 0, 0])
-    matrix = np.stack([model_index(list(e)) - offset for e in np.eye(3, dtype=int)], axis=1)
+    matrix = np.stack([model_index(e) - offset for e in np.eye(3, dtype=int).tolist()], axis=1)
     index = np.stack(np.meshgrid(*[np.arange(n) for n in ct_sm.GetSize()], indexing="ij"), -1).reshape(-1, 3)
     nearest = np.rint(index @ matrix.T + offset).astype(int)
     labels = sitk.GetArrayViewFromImage(ct_sm_result.labels)[tuple(index[:, ::-1].T)]
