@@ -159,7 +159,7 @@ def test_dicom_seg_export_matches_source_slices(scene, real_data, card, tmp_path
         image = sitk.GetImageFromArray(a)
         image.CopyInformation(ct)
         images.append(image)
-    result = SegmentationResult(images[0], images[1], images[1], {}, 0.1, [], card, 0.52)
+    result = SegmentationResult(images[0], images[1], {}, 0.1, [], card, 0.52)
     seg_node = nodes.create_segmentation(scene, result, volume, "seg", nodes.candidate_region(result))
     path = export.export_dicom_seg(seg_node, volume, files, tmp_path / "seg.dcm", model_name="test", model_version="1")
     seg = hd.seg.segread(str(path))
