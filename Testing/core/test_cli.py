@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import slicerio
 
 from maxquery.cli import EXIT_USER_ERROR, main
-from maxquery.inference.resources import cpu_has_native_bf16
+from maxquery.precision import cpu_has_native_bf16
 from maxquery.inference.writer import ANOMALY_STEP
 
 

@@ -10,8 +10,8 @@ import torch
 
 from maxquery.demo import build_untrained_model
 from maxquery.inference import Predictor
-from maxquery.inference import resources
-from maxquery.inference.resources import cpu_has_native_bf16, select_precision
+from maxquery import precision
+from maxquery.precision import cpu_has_native_bf16, select_precision
 from maxquery.model_folder import load_model_folder
 
 CPU = torch.device("cpu")
@@ -21,7 +21,7 @@ LIGHT = dict(features=(8, 16, 32, 64, 96), query_dim=32, ffn_dim=64)
 def test_cpu_bf16_needs_the_instructions_and_the_kernels(monkeypatch):
     assert cpu_has_native_bf16(frozenset({"avx2", "fma"})) == (
         False, "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)")
-    monkeypatch.setattr(resources, "cpu_flags", lambda: None)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: None)
     assert cpu_has_native_bf16()[0] is False  # flags unknown (macOS, Windows): never guess
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert cpu_has_native_bf16(frozenset({"avx512f", "avx512_bf16"})) == (
@@ -31,13 +31,13 @@ def test_cpu_bf16_needs_the_instructions_and_the_kernels(monkeypatch):
 
 
 def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
-    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: (False, "no bf16 here"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: (False, "no bf16 here"))
     auto = select_precision("auto", CPU)
     assert (auto.name, auto.dtype, auto.reason, auto.slow) == ("fp32", None, "no bf16 here", False)
     forced = select_precision("bf16", CPU)
     assert forced.dtype == torch.bfloat16 and forced.slow and "no bf16 here" in forced.reason
     assert select_precision("fp32", CPU).dtype is None
-    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: (True, "native"))
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: (True, "native"))
     assert select_precision("auto", CPU).dtype == torch.bfloat16 and not select_precision("auto", CPU).slow
     assert select_precision("fp32", CPU).dtype is None
     assert select_precision("auto", torch.device("mps")).dtype is None
@@ -46,7 +46,7 @@ def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
 
 
 def test_this_machine_is_detected_from_its_flags():
-    flags = resources.cpu_flags()
+    flags = precision.cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo")
     native, _ = cpu_has_native_bf16()

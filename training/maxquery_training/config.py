@@ -110,7 +110,7 @@ class TrainingConfig:
     qd_loss: bool = True
     qd_weight: float = 0.1
     deep_supervision: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (maxquery.precision): autocast, fp32 weights
+    precision: str = "auto"  # auto | fp32 | bf16 (maxquery.precision): autocast, fp32 weights
     seed: int = 0
     num_workers: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from maxquery.network import MaxQueryNet, MaxQueryOutput
 from maxquery.preprocessing import CTNormalization
-from maxquery.precision import autocast_dtype, precision_name
+from maxquery.precision import select_precision
 from maxquery.query_usage import QueryUsage, stage_responses
 
 from .augment import PatchStream, build_augmentation, sample_patch
@@ -90,7 +90,8 @@ class StageTrainer:
         if backbone is not None:
             groups.append({"params": list(backbone.parameters()), "lr_multiplier": stage.backbone_lr_multiplier})
         self.optimizer = torch.optim.RAdam(groups, lr=stage.learning_rate, weight_decay=stage.weight_decay)
-        self.autocast = autocast_dtype(config.precision, dist_info.device)
+        self.precision = select_precision(config.precision, dist_info.device)
+        self.autocast = self.precision.dtype
         self.scaler = torch.amp.GradScaler(dist_info.device.type, enabled=self.autocast == torch.float16)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -149,7 +150,7 @@ class StageTrainer:
         iters = self.stage.iterations_per_epoch
         total_iters = self.stage.epochs * iters
         if self.dist.is_main:
-            log.info("%s: %s on %s", self.name, precision_name(self.autocast), self.dist.device)
+            log.info("%s: %s on %s (%s)", self.name, self.precision.name, self.dist.device, self.precision.reason)
         while not self.finished:
             epoch = self.epoch
             frozen = self._backbone_frozen(epoch)

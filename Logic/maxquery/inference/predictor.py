@@ -2,7 +2,7 @@
 
 image → reorient to LPS → resample to the model spacing → CT normalisation → Gaussian sliding
 window (class probabilities and every requested score's per-patch map, aggregated with the same
-weights, in the precision ``resources.select_precision`` picks) → finalised scores, calibrated
+weights, in the precision ``precision.select_precision`` picks) → finalised scores, calibrated
 anomaly, lesion table on the model grid → back to the input grid (``input_grid``), whose geometry
 every output reproduces exactly. Each stage's time is recorded in ``SegmentationResult.timings``.
 """
@@ -27,7 +27,8 @@ from ..preprocessing import resample_to_spacing, to_canonical
 from ..scores import ScoreContext, get_score, mc_dropout_prediction
 from .input_grid import MapsOnInputGrid, labels_on_input_grid, map_on_input_grid, model_image
 from .lesions import find_lesions, search_region
-from .resources import check_fits, cpu_threads, estimate_memory, select_device, select_precision, torch_threads
+from ..precision import select_precision
+from .resources import check_fits, cpu_threads, estimate_memory, select_device, torch_threads
 from .result import SegmentationResult
 from .sliding_window import mirror_axis_sets, mirrored, sliding_window
 
@@ -62,7 +63,7 @@ class Predictor:
     ``FAST_SPACING_FACTOR`` times the model spacing. ``device``: ``auto`` (CUDA, then MPS, then
     CPU), ``cpu``, ``cuda`` or ``mps``; ``fell_back_to_cpu`` tells whether an accelerator was
     wanted but none could be used. ``precision``: ``auto``, ``fp32`` or ``bf16`` (see
-    ``resources.select_precision``); ``self.precision`` says what is used and why.
+    ``precision.select_precision``); ``self.precision`` says what is used and why.
     """
 
     def __init__(
