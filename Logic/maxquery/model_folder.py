@@ -209,6 +209,13 @@ class LoadedModel:
     folder: Path
 
 
+def _usual_permissions(path: Path) -> None:
+    """What a plain ``open(..., "w")`` would give: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_model_folder(folder: str | Path, card: ModelCard, network: torch.nn.Module, overwrite: bool = False) -> Path:
     """Write weights and card; both files appear atomically (written aside, then renamed). The
     weights name their model, and the card records their digest (``card.weights_sha256``)."""
@@ -220,6 +227,7 @@ def save_model_folder(folder: str | Path, card: ModelCard, network: torch.nn.Mod
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "name": card.name})
         card.weights_sha256 = _sha256(Path(tmp) / WEIGHTS_NAME)
+        _usual_permissions(Path(tmp) / WEIGHTS_NAME)  # safetensors writes 0600
         os.replace(os.path.join(tmp, WEIGHTS_NAME), folder / WEIGHTS_NAME)
     write_model_card(folder, card)
     return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -311,3 +312,12 @@ def test_to_canonical_gives_identity_direction_and_the_same_physical_points(dire
         new_index = canonical.TransformPhysicalPointToIndex(point)
         assert canonical.TransformIndexToPhysicalPoint(new_index) == pytest.approx(point)
         assert canonical[new_index] == image[index]
+
+
+def test_saved_files_have_the_usual_permissions(tmp_path):
+    """A model folder is shared between users: its files are as readable as any file the user writes."""
+    folder, _, _ = saved(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "model_card.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
