@@ -28,7 +28,7 @@ from .errors import (
 )
 from .inference import Predictor
 from .inference.resources import MemoryEstimate, check_fits, estimate_memory
-from .inference.resources import PRECISIONS
+from .precision import PRECISIONS
 from .inference.writer import check_free, planned_outputs, remove_stale_staging, write_outputs
 from .io import ImageInfo, inspect_image, read_image, validate_ct
 from .progress import KINDS as PROGRESS_KINDS, reporter
