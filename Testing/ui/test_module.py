@@ -202,7 +202,8 @@ def test_dicom_seg_export_is_added_to_the_dicom_database(app, scene, widget, rea
     labels.CopyInformation(ct)
     anomaly = sitk.Cast(labels, sitk.sitkFloat32)
     card = widget.logic.core.read_card(widget.logic.core.model_folder(widget.params))
-    result = SegmentationResult(labels, anomaly, anomaly, {}, 0.1, [], card, 0.5)
+    result = SegmentationResult(labels=labels, anomaly=anomaly, raw_scores={}, case_score=0.1, lesions=[], card=card,
+                                anomaly_threshold=0.5)
     widget.logic.core.add_result(result, volume, widget.params)
     widget.updateGUIFromParameterNode()
     assert widget.ui.exportDicomSegButton.isEnabled()
