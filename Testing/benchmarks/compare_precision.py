@@ -12,7 +12,7 @@ layer's output is rounded to bf16, the type the next operation reads. The model'
 (InstanceNorm statistics inside the kernels, the heads, the aggregation) stay fp32 as in the real
 path. ``--check-emulation`` compares the emulation with real bf16 autocast on one patch first.
 
-    .venv/bin/python Testing/benchmarks/compare_precision.py --data /work/data/liverbench --emulate
+    .venv/bin/python Testing/benchmarks/compare_precision.py --data LIVERBENCH --emulate
 """
 
 from __future__ import annotations
