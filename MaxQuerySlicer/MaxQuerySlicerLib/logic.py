@@ -228,7 +228,7 @@ class MaxQueryLogic:
         from maxquery.inference import find_lesions
 
         params = params or self.parameters()
-        (segmentation, record), table = self._record(params), params.reference("LesionTable")
+        (_, record), table = self._record(params), params.reference("LesionTable")
         anomaly = params.reference("AnomalyVolume")
         if record is None or table is None or anomaly is None:
             return 0

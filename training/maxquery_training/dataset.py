@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from maxquery.preprocessing import CTNormalization, resample_to_spacing, spacing_zyx, to_canonical
+from maxquery.preprocessing import CTNormalization, resample_to_spacing, to_canonical
 
 from .config import DataConfig
 

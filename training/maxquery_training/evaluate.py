@@ -86,7 +86,8 @@ def scores_for(folder: Path, requested: list[str]) -> list[str]:
 def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_label: int, margin_mm: float,
                    mc_passes: int, overlap: float, device: str, subsets: dict[str, re.Pattern] | None = None):
     """Tallies per (case subset, score) and Dice per subset; ``all`` holds every test case and each
-    named subset the cases whose id matches its pattern (e.g. one anatomy or scanner)."""
+    named subset the cases whose id matches its pattern (e.g. one anatomy or scanner); for a MaxQuery
+    model also its query usage on the test cases (None otherwise)."""
     predictor = Predictor(folder, device=device, scores=score_names, mc_passes=mc_passes, overlap=overlap)
     card = predictor.card
     subsets = {ALL_CASES: re.compile(""), **(subsets or {})}
@@ -125,7 +126,8 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
             dice_by_subset[subset].add(case_dice)
         case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()})
     dice_means = {subset: {names[v]: d for v, d in acc.mean().items()} for subset, acc in dice_by_subset.items()}
-    return card, tallies, dice_means, case_rows
+    usage = test_query_usage(predictor, data_root) if card.architecture == "maxquery" else None
+    return card, tallies, dice_means, case_rows, usage
 
 
 def test_query_usage(predictor: Predictor, data_root: Path) -> QueryUsage:
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     usage_tables: dict[str, str] = {}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
-        card, tallies, dice, per_case = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
+        card, tallies, dice, per_case, usage = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
                                                        args.mc_passes, args.overlap, args.device, subsets)
         case_rows += per_case
         for (subset, name), tally in tallies.items():
@@ -264,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
                 curves["pr"][f"{card.name}/{name}"] = tally.voxels["organ"].pr_curve()
         dice_rows += [{"model": card.name, "cases": subset, **values} for subset, values in dice.items()]
-        usage = None
-        if card.architecture == "maxquery":
-            usage = test_query_usage(Predictor(folder, device=args.device), args.data)
+        if usage is not None:
             usage_tables[card.name] = usage.table()
             for unused in usage.unused_groups():
                 log.warning("%s: the %s queries win no voxel on the test cases", card.name, unused)
