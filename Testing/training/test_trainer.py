@@ -90,3 +90,17 @@ def test_torchrun_two_cpu_processes(tiny_msd, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     state = load_checkpoint(work / "stage1" / "checkpoint.pt")
     assert state["epoch"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
+
+
+def test_resumed_run_takes_the_optimiser_betas_from_the_config(tiny_msd, tmp_path):
+    """A run resumed with new RAdam betas (e.g. a shorter warm-up for a short CPU run) uses them."""
+    work = tmp_path / "w"
+    subprocess.run(_train_cmd(tiny_msd, work, "--set", "stage1.epochs=1"), check=True, env=_env(), capture_output=True)
+    first = load_checkpoint(work / "stage1" / "checkpoint.pt")
+    assert [tuple(g["betas"]) for g in first["optimizer"]["param_groups"]] == [(0.9, 0.999)]
+    subprocess.run(_train_cmd(tiny_msd, work, "--set", "stage1.epochs=2", "--set", "stage1.betas=[0.9, 0.99]",
+                              "--set", "stage1.learning_rate=1e-3"), check=True, env=_env(), capture_output=True)
+    resumed = load_checkpoint(work / "stage1" / "checkpoint.pt")
+    assert resumed["epoch"] == 2
+    assert [tuple(g["betas"]) for g in resumed["optimizer"]["param_groups"]] == [(0.9, 0.99)]
+    assert resumed["history"][1]["lr"] < 1e-3  # "1e-3" is read as a number, not a string

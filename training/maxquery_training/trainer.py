@@ -89,7 +89,8 @@ class StageTrainer:
         groups = [{"params": [p for p in model.parameters() if id(p) not in backbone_ids], "lr_multiplier": 1.0}]
         if backbone is not None:
             groups.append({"params": list(backbone.parameters()), "lr_multiplier": stage.backbone_lr_multiplier})
-        self.optimizer = torch.optim.RAdam(groups, lr=stage.learning_rate, weight_decay=stage.weight_decay)
+        self.optimizer = torch.optim.RAdam(groups, lr=stage.learning_rate, betas=tuple(stage.betas),
+                                           weight_decay=stage.weight_decay)
         self.precision = select_precision(config.precision, dist_info.device)
         self.autocast = self.precision.dtype
         self.scaler = torch.amp.GradScaler(dist_info.device.type, enabled=self.autocast == torch.float16)
@@ -113,6 +114,8 @@ class StageTrainer:
         state = load_checkpoint(self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config decides, not the checkpoint (lr is set per step)
+            group["betas"] = tuple(self.stage.betas)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
