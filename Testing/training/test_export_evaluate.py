@@ -175,3 +175,44 @@ def test_lesion_search_and_organ_region_share_one_margin(tiny_msd):
     evaluated = organ_region(array, [1, 2, 3, 4], spacing)
     assert evaluated.sum() > (array > 0).sum()  # a real margin
     np.testing.assert_array_equal(search_region(array, spacing), evaluated)
+
+
+def test_mc_dropout_can_fine_tune_from_stage1(exported, tiny_msd, tmp_path):
+    import shutil
+
+    import torch
+
+    work, _ = exported
+    fine = tmp_path / "work"
+    shutil.copytree(work, fine, ignore=shutil.ignore_patterns("mc_dropout*", "stage2*", "model"))
+    # at a vanishing learning rate the baseline keeps the stage-1 weights it starts from
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(fine), "--baseline", "mc_dropout",
+                     "--set", "mc_dropout.from_stage1=true", "--set", "mc_dropout.epochs=1",
+                     "--set", "mc_dropout.learning_rate=1e-12"]) == 0
+    stage1 = torch.load(fine / "stage1" / "checkpoint.pt", weights_only=True)
+    tuned = torch.load(fine / "mc_dropout" / "checkpoint.pt", weights_only=True)
+    assert len(tuned["history"]) == 1
+    for key, value in stage1["model"].items():
+        torch.testing.assert_close(tuned["model"][key], value, rtol=0, atol=1e-6)
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(fine), "--run", "mc_dropout",
+                     "--set", "mc_dropout.from_stage1=true", "--set", "mc_dropout.epochs=1",
+                     "--out", str(fine / "model")]) == 0
+    assert load_model_folder(fine / "model").card.training["fine_tuned_from_stage1"] is True
+
+
+def test_mc_dropout_fine_tuning_needs_stage1_and_epochs(tiny_msd, tmp_path, capsys):
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(tmp_path / "w"),
+                     "--baseline", "mc_dropout", "--set", "mc_dropout.from_stage1=true"]) == 2
+    assert "mc_dropout.epochs" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(tmp_path / "w"),
+                     "--baseline", "mc_dropout", "--set", "mc_dropout.from_stage1=true",
+                     "--set", "mc_dropout.epochs=1"]) == 2
+    assert "run stage 1 first" in capsys.readouterr().err
+
+
+def test_sml_statistics_can_use_fewer_training_cases(exported, tiny_msd, tmp_path):
+    work, _ = exported
+    assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--run", "stage1",
+                     "--set", "training_cases_for_sml=1", "--set", "validation_cases_for_calibration=1",
+                     "--out", str(tmp_path / "plain")]) == 0
+    assert load_model_folder(tmp_path / "plain").card.sml_stats["cases"] == 1

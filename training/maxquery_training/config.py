@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,19 @@ class MCDropoutConfig:
     with channel dropout ``dropout`` after each decoder stage, sampled at test time."""
 
     dropout: float = 0.1
+    # Fine-tune from the trained stage-1 network instead of training from scratch (when CPU time
+    # does not allow a second full stage 1): ``epochs`` at ``learning_rate``, stage 1's other settings.
+    from_stage1: bool = False
+    epochs: int = 0
+    learning_rate: float = 1.0e-3
+
+    def __post_init__(self) -> None:
+        if self.from_stage1 and self.epochs < 1:
+            raise ValueError(f"mc_dropout.epochs must be at least 1 to fine-tune from stage 1, not {self.epochs}")
+
+    def stage(self, stage1: "StageConfig") -> "StageConfig":
+        """The schedule the baseline trains with: stage 1's, or its fine-tuning schedule."""
+        return replace(stage1, epochs=self.epochs, learning_rate=self.learning_rate) if self.from_stage1 else stage1
 
 
 @dataclass
@@ -122,6 +135,7 @@ class TrainingConfig:
     stage2: StageConfig = field(default_factory=StageConfig)
     mc_dropout: MCDropoutConfig = field(default_factory=MCDropoutConfig)
     validation_cases_for_calibration: int = 0  # 0: all validation cases
+    training_cases_for_sml: int = 0  # the SML statistics' cases; 0: all training cases
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":

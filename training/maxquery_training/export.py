@@ -47,7 +47,7 @@ def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> 
     architecture, _, suffix = RUNS[run]
     network = run_network_config(config, plan, run)
     if run == MC_DROPOUT_RUN:
-        training = training | {"baseline": MC_DROPOUT_RUN}
+        training = training | {"baseline": MC_DROPOUT_RUN, "fine_tuned_from_stage1": config.mc_dropout.from_stage1}
     return ModelCard(
         name=config.name + suffix, architecture=architecture, network=network,
         classes=class_infos(config.data),
@@ -143,9 +143,12 @@ def export_model(
         save_model_folder(tmp, card, network)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
         if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only
-            card.sml_stats = sml_statistics(predictor, list_cases(data_root, "training"))
+            training_cases = list_cases(data_root, "training")
+            card.sml_stats = sml_statistics(predictor, training_cases[:config.training_cases_for_sml or None])
         torch.manual_seed(0)  # the baseline's dropout masks: the same calibration from the same run
-        samples = calibration_samples(predictor, list_cases(data_root, "validation"), config, score)
+        validation = list_cases(data_root, "validation")
+        samples = calibration_samples(predictor, validation[:config.validation_cases_for_calibration or None],
+                                      config, score)
         conditions = predictor.calibration_conditions()  # the predictor marks runs that differ
     card.calibration = AnomalyCalibration.fit(score, samples, conditions=conditions)
     log.info("calibrated %s on %d inlier validation voxels", score, samples.size)

@@ -23,7 +23,7 @@ from maxquery.network import MaxQueryNet, NetworkConfig, PlainSegmentationNet
 from maxquery.preprocessing import CTNormalization
 
 from .classes import class_infos
-from .config import TrainingConfig
+from .config import StageConfig, TrainingConfig
 from .dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
 from .distributed import DistInfo, barrier
 from .planner import Topology, plan_network
@@ -142,14 +142,30 @@ def patch_validation(config: TrainingConfig, data_root: Path, work_dir: Path, pl
                            dist_info.device)
 
 
+def run_stage_config(config: TrainingConfig, run: str) -> StageConfig:
+    """The schedule of a plain run folder: stage 1's, or the MC-dropout baseline's own."""
+    return config.mc_dropout.stage(config.stage1) if run == MC_DROPOUT_RUN else config.stage1
+
+
+def _stage1_checkpoint(work_dir: Path) -> Path:
+    path = work_dir / "stage1" / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"this run starts from the trained stage-1 network, but {path} does not exist; "
+                                "run stage 1 first (maxquery-train train ... --stage 1)")
+    return path
+
+
 def train_stage1(
     config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo,
     validation: PatchValidation | None = None, run: str = "stage1",
 ) -> PlainSegmentationNet:
-    """The plain network; ``run="mc_dropout"`` trains the MC-dropout baseline with the same recipe."""
+    """The plain network; ``run="mc_dropout"`` trains the MC-dropout baseline with the same recipe,
+    or fine-tunes it from the trained stage-1 network (``mc_dropout.from_stage1``)."""
     seed_everything(config.seed)
     model = PlainSegmentationNet(run_network_config(config, plan, run))
-    trainer = StageTrainer(run, model, build_loss("plain", config, [], ()), config.stage1,
+    if run == MC_DROPOUT_RUN and config.mc_dropout.from_stage1:
+        model.load_state_dict(load_checkpoint(_stage1_checkpoint(work_dir))["model"])  # dropout has no weights
+    trainer = StageTrainer(run, model, build_loss("plain", config, [], ()), run_stage_config(config, run),
                            planned_config(config, plan), cases, work_dir / run, dist_info, plan.normalization,
                            validation=validation)
     trainer.train()
@@ -161,12 +177,9 @@ def train_stage2(
     validation: PatchValidation | None = None,
 ) -> MaxQueryNet:
     """MaxQuery on the stage-1 backbone. ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
-    stage1 = work_dir / "stage1" / "checkpoint.pt"
-    if not stage1.is_file():
-        raise FileNotFoundError(f"stage 2 starts from the stage-1 backbone, but {stage1} does not exist; run stage 1 first")
     seed_everything(config.seed + 1)
     model = MaxQueryNet(plan.network)
-    plain_state = load_checkpoint(stage1)["model"]
+    plain_state = load_checkpoint(_stage1_checkpoint(work_dir))["model"]
     backbone_state = {k.removeprefix("backbone."): v for k, v in plain_state.items() if k.startswith("backbone.")}
     model.backbone.load_state_dict(backbone_state)
     roles = [c.role for c in class_infos(config.data)]
@@ -181,7 +194,7 @@ def load_trained(architecture: str, config: TrainingConfig, plan: Plan, run_dir:
     net_cfg = run_network_config(config, plan, run_dir.name)
     model = MaxQueryNet(net_cfg) if architecture == "maxquery" else PlainSegmentationNet(net_cfg)
     state = load_checkpoint(run_dir / "checkpoint.pt")
-    if state["epoch"] < (config.stage2 if architecture == "maxquery" else config.stage1).epochs:
+    if state["epoch"] < (config.stage2 if architecture == "maxquery" else run_stage_config(config, run_dir.name)).epochs:
         log.warning("%s has only %d epochs; exporting an unfinished model", run_dir, state["epoch"])
     model.load_state_dict(state["model"])
     return model.eval()
