@@ -21,10 +21,15 @@ OVERLAY_FROM = 0.5  # calibrated anomaly below this is not drawn, so the anatomy
 
 
 def focus_point(result: SegmentationResult, canonical: sitk.Image) -> tuple[int, int, int]:
-    """(x, y, z) index in ``canonical`` of the lesion with the highest peak anomaly, else of the
-    highest anomaly voxel."""
+    """(x, y, z) index in ``canonical`` of the most suspicious region of the lesion table, else of
+    the highest anomaly voxel.
+
+    Suspicion is the region's anomaly mass (mean calibrated anomaly × volume), whatever found it
+    (predicted tumour or high anomaly): calibrated peaks saturate at 1, so ranking by peak lets a
+    single stray voxel far from the organ take the picture from a lesion of several millilitres.
+    """
     if result.lesions:
-        lesion = max(result.lesions, key=lambda l: (l.source == "anomaly", l.peak_anomaly, l.volume_ml))
+        lesion = max(result.lesions, key=lambda l: l.mean_anomaly * l.volume_ml)
         index = canonical.TransformPhysicalPointToIndex(lesion.center_lps)
         if all(0 <= i < n for i, n in zip(index, canonical.GetSize())):
             return tuple(index)

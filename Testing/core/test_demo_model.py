@@ -55,3 +55,19 @@ def test_resampled_copy_gives_the_same_labels_in_physical_space(predictor, real_
     near_boundary = ndimage.binary_dilation(boundary, iterations=1)
     disagree = coarse_labels != back
     assert disagree[~near_boundary].mean() < 0.005, disagree[~near_boundary].mean()
+
+
+def test_review_picture_of_the_demo_case_shows_its_unseen_lesion(predictor):
+    """`make demo`'s picture is centred on the most suspicious region, and its axial view cuts
+    the demo case's unseen-type lesion (label 9 of the shipped reference)."""
+    from maxquery.preprocessing import to_canonical
+    from maxquery.review import focus_point
+
+    demo = DEMO_MODEL.parents[2] / "Resources" / "DemoData"
+    result = predictor.predict(read_image(demo / "liverbench_A_0085.nii.gz"))
+    canonical = to_canonical(result.image)
+    x, y, z = focus_point(result, canonical)
+    reference = sitk.GetArrayFromImage(to_canonical(read_image(demo / "liverbench_A_0085_reference_labels.nii.gz")))
+    assert (reference[z] == 9).any(), "the axial view misses the unseen lesion"
+    assert (reference[max(z - 3, 0):z + 4, max(y - 10, 0):y + 11, max(x - 10, 0):x + 11] > 1).any(), \
+        "the picture is not centred on a lesion"
