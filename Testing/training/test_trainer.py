@@ -29,6 +29,15 @@ def test_poly_lr_decays_to_zero():
     assert 0 < poly_lr(1.0, 99, 100, 0.9) < poly_lr(1.0, 50, 100, 0.9) < 1.0
 
 
+def test_config_files_read_exponent_numbers_as_numbers(tmp_path):
+    from maxquery_training.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1: {learning_rate: 1e-3, epochs: 2}\nname: 1e3x\n")
+    config = load_config(path)
+    assert config.stage1.learning_rate == 0.001 and config.name == "1e3x"
+
+
 def test_killed_run_resumes_where_it_stopped(tiny_msd, tmp_path):
     reference_work = tmp_path / "uninterrupted"
     subprocess.run(_train_cmd(tiny_msd, reference_work), check=True, env=_env(), capture_output=True)

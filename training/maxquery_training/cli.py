@@ -15,9 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
 
-from .config import load_config
+from .config import load_config, read_yaml
 from .dataset import DataError
 from .distributed import init_distributed, shutdown
 from .pipeline import MC_DROPOUT_RUN, load_split, make_plan, patch_validation, read_plan, train_stage1, train_stage2
@@ -27,13 +26,7 @@ def _parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            parsed = float(parsed)
-        except ValueError:
-            pass
-    return key, parsed
+    return key, read_yaml(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

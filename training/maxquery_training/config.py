@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, but ``1e-3`` (no dot) is a number, not a string."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Config text (a file, or a ``--set`` value) as Python values."""
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 @dataclass
@@ -171,7 +185,7 @@ def load_config(path_or_name: str | Path, overrides: dict[str, Any] | None = Non
     if not path.is_file():
         bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no config file {path_or_name!r}; bundled configs: {bundled}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path.read_text()) or {}
     for dotted, value in (overrides or {}).items():
         target = data
         *parents, leaf = dotted.split(".")
