@@ -224,3 +224,43 @@ class DiceAccumulator:
 
     def mean(self) -> dict[int, float]:
         return {label: float(np.mean(v)) if v else float("nan") for label, v in self.values.items()}
+
+
+class ConfusionCounts:
+    """Voxel counts of reference class x predicted class, summed over cases: which type a model
+    takes for which (a cyst read as liver, an unseen lesion read as a known tumour type).
+
+    Values outside ``reference_values`` / ``predicted_values`` are not counted."""
+
+    def __init__(self, reference_values: tuple[int, ...], predicted_values: tuple[int, ...]) -> None:
+        self.reference_values = tuple(reference_values)
+        self.predicted_values = tuple(predicted_values)
+        self.counts = np.zeros((len(self.reference_values), len(self.predicted_values)), dtype=np.int64)
+
+    @staticmethod
+    def _indices(array: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+        flat = np.asarray(array, dtype=np.int64).ravel()
+        lookup = np.full(max(*values, int(flat.max(initial=0))) + 1, -1, dtype=np.int64)
+        lookup[list(values)] = np.arange(len(values))
+        return np.where(flat >= 0, lookup[np.clip(flat, 0, None)], -1)
+
+    def update(self, prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """Add one case; returns its counts (to add to other accumulators, e.g. a subset's)."""
+        if prediction.shape != reference.shape:
+            raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ in shape")
+        ref = self._indices(reference, self.reference_values)
+        pred = self._indices(prediction, self.predicted_values)
+        keep = (ref >= 0) & (pred >= 0)
+        n_pred = len(self.predicted_values)
+        case = np.bincount(ref[keep] * n_pred + pred[keep], minlength=self.counts.size).reshape(self.counts.shape)
+        self.add(case)
+        return case
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += counts
+
+    def row_fractions(self) -> np.ndarray:
+        """Each reference class's voxels split over the predicted classes (rows sum to 1; NaN for an absent class)."""
+        totals = self.counts.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(totals > 0, self.counts / np.maximum(totals, 1), np.nan)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, case_score, dice, rank_auc
+from maxquery.metrics import ConfusionCounts, DiceAccumulator, StreamingOODMetrics, case_score, dice, rank_auc
 
 EXACT = 1e-12
 
@@ -210,3 +210,19 @@ def test_dice_accumulator_skips_absent_labels():
     assert case2[1] == pytest.approx(2 / 3) and np.isnan(case2[2])
     assert acc.mean() == pytest.approx({1: 2 / 3, 2: 1.0})
     assert np.isnan(DiceAccumulator((5,)).mean()[5])
+
+
+def test_confusion_counts_reference_by_predicted():
+    confusion = ConfusionCounts(reference_values=(0, 1, 2, 9), predicted_values=(0, 1, 2))
+    reference = np.array([0, 0, 1, 1, 1, 2, 2, 9, 9, 9, 5])  # 5: a value in neither list, not counted
+    prediction = np.array([0, 1, 1, 1, 2, 1, 2, 2, 2, 0, 0])
+    case = confusion.update(prediction, reference)
+    assert case.tolist() == [[1, 1, 0], [0, 2, 1], [0, 1, 1], [1, 0, 2]]
+    confusion.update(np.array([2, 2]), np.array([2, 2]))
+    assert confusion.counts[2].tolist() == [0, 1, 3]
+    fractions = confusion.row_fractions()
+    assert fractions[3] == pytest.approx([1 / 3, 0, 2 / 3])  # the unseen type mostly read as class 2
+    assert np.allclose(fractions.sum(axis=1), 1.0)
+    assert np.isnan(ConfusionCounts((0, 1), (0, 1)).row_fractions()).all()
+    with pytest.raises(ValueError, match="differ in shape"):
+        confusion.update(np.zeros(3, int), np.zeros(4, int))

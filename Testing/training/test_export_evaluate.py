@@ -107,7 +107,19 @@ def test_evaluate_writes_the_tables(exported, mc_dropout_model, tiny_msd, tmp_pa
     # the subset holds the one OOD case: its Dice row is that case's row
     subset_liver = [d["liver"] for d in all_dice if d["cases"] == "ood" and d["model"] == "maxquery-tiny"]
     assert subset_liver == [c["dice_liver"] for c in mine if c["case"] == "tiny_005"]
+    # confusion: every reference voxel counted once; on the one-case subset the liver cells give its Dice
+    confusion = [r for r in csv.DictReader(open(report / "confusion.csv")) if r["model"] == "maxquery-tiny"]
+    ood_case = {r["reference"]: r for r in confusion if r["cases"] == "ood"}
+    assert list(ood_case) == ["background", "liver", "cyst", "hcc", "metastasis", "unseen"]
+    ood_case_files = [c for c in list_cases(tiny_msd, "test_ood") if c.case_id == "tiny_005"]
+    reference = sitk.GetArrayFromImage(read_case(ood_case_files[0])[1])
+    assert int(ood_case["unseen"]["voxels"]) == int((reference == 9).sum()) > 0
+    assert int(ood_case["liver"]["voxels"]) == int((reference == 1).sum())
+    true_liver = int(ood_case["liver"]["liver"])
+    predicted_liver = sum(int(r["liver"]) for name, r in ood_case.items() if name != "unseen")
+    assert 2 * true_liver / (predicted_liver + int(ood_case["liver"]["voxels"])) == pytest.approx(float(subset_liver[0]))
     text = (report / "report.md").read_text()
+    assert "Confusion (%)" in text and "| maxquery-tiny | ood | unseen |" in text
     assert "| maxquery-tiny | all | maxquery |" in text and "| maxquery-tiny | ood | maxquery |" in text
     assert (report / "roc.png").stat().st_size > 1000 and (report / "pr.png").stat().st_size > 1000
     recorded = load_model_folder(model).card.metrics

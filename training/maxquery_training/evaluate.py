@@ -8,7 +8,8 @@ and case-level AUC (case score = mean raw score inside the predicted tumour on t
 ``maxquery.metrics.case_score``, paper §4.2); for every model the Dice per organ and inlier
 tumour type (OOD voxels excluded). Writes ``report.md``,
 ``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice and case scores, to see where a model
-fails), ``roc.png`` and ``pr.png``.
+fails), ``confusion.csv`` (voxels of each reference class by predicted class: which type is taken
+for which), ``roc.png`` and ``pr.png``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from maxquery.inference import Predictor
-from maxquery.metrics import DiceAccumulator, StreamingOODMetrics, rank_auc
+from maxquery.metrics import ConfusionCounts, DiceAccumulator, StreamingOODMetrics, rank_auc
 from maxquery.model_folder import read_model_card, write_model_card
 from maxquery.preprocessing import resample_to_spacing
 from maxquery.query_usage import QueryUsage
@@ -95,6 +96,7 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     labels = tuple(card.foreground_values)
     dice_by_subset = {subset: DiceAccumulator(labels) for subset in subsets}
     foreground = [*card.foreground_values, ood_label]
+    confusion_by_subset = {subset: ConfusionCounts((0, *labels, ood_label), (0, *labels)) for subset in subsets}
     cases = [(c, False) for c in list_cases(data_root, "test_inlier")] + \
             [(c, True) for c in list_cases(data_root, "test_ood")]
     names = {c.value: c.name for c in card.classes}
@@ -122,12 +124,25 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
                 tally.case_scores.append(row[f"case_score_{name}"])
                 tally.case_is_ood.append(is_ood_case)
         case_dice = dice_by_subset[ALL_CASES].update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+        case_confusion = confusion_by_subset[ALL_CASES].update(predicted, reference)
         for subset in member_of[1:]:
             dice_by_subset[subset].add(case_dice)
+            confusion_by_subset[subset].add(case_confusion)
         case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()})
     dice_means = {subset: {names[v]: d for v, d in acc.mean().items()} for subset, acc in dice_by_subset.items()}
     usage = test_query_usage(predictor, data_root) if card.architecture == "maxquery" else None
-    return card, tallies, dice_means, case_rows, usage
+    confusion = confusion_rows(card.name, confusion_by_subset, {**names, ood_label: "unseen"})
+    return card, tallies, dice_means, case_rows, usage, confusion
+
+
+def confusion_rows(model: str, confusion_by_subset: dict[str, ConfusionCounts], names: dict[int, str]) -> list[dict]:
+    """One row per (subset, reference class): voxel counts per predicted class and the row's total."""
+    rows = []
+    for subset, confusion in confusion_by_subset.items():
+        for value, counts in zip(confusion.reference_values, confusion.counts):
+            rows.append({"model": model, "cases": subset, "reference": names[value], "voxels": int(counts.sum()),
+                         **{names[p]: int(c) for p, c in zip(confusion.predicted_values, counts)}})
+    return rows
 
 
 def test_query_usage(predictor: Predictor, data_root: Path) -> QueryUsage:
@@ -168,15 +183,17 @@ def _percent(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{100 * value:.2f}"
 
 
-def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], curves: dict,
-                 margin_mm: float, data_root: Path, usage_tables: dict[str, str] | None = None) -> None:
+def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], confusion: list[dict],
+                 curves: dict, margin_mm: float, data_root: Path, usage_tables: dict[str, str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    for path, table in ((out / "ood.csv", rows), (out / "dice.csv", dice_rows), (out / "cases.csv", case_rows)):
+    tables = ((out / "ood.csv", rows), (out / "dice.csv", dice_rows), (out / "cases.csv", case_rows),
+              (out / "confusion.csv", confusion))
+    for path, table in tables:
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
             writer.writeheader()
@@ -200,6 +217,7 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
               "| model | cases | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
     for r in dice_rows:
         lines.append(f"| {r['model']} | {r['cases']} | " + " | ".join(_percent(r[c]) for c in classes) + " |")
+    lines += confusion_lines(confusion)
     for model, table in (usage_tables or {}).items():
         lines += ["", f"Query usage of {model} on the test cases (queries of the group that win any voxel / "
                   "queries in the group, and the share of voxels the group wins; argmax over queries of every "
@@ -220,6 +238,21 @@ def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: 
         fig.tight_layout()
         fig.savefig(out / f"{kind}.png", dpi=110)
         plt.close(fig)
+
+
+def confusion_lines(confusion: list[dict]) -> list[str]:
+    """Report section: each reference class's voxels split over the predicted classes, in %."""
+    if not confusion:
+        return []
+    predicted = [k for k in confusion[0] if k not in ("model", "cases", "reference", "voxels")]
+    lines = ["", "Confusion (%): each reference class's voxels on the test cases (row) by the class the model "
+             "predicts there (columns); 'unseen' is the OOD lesion type, which no model can name:", "",
+             "| model | cases | reference | voxels | " + " | ".join(predicted) + " |",
+             "|---|---|---|---|" + "---|" * len(predicted)]
+    for r in confusion:
+        share = [_percent(r[p] / r["voxels"]) if r["voxels"] else "n/a" for p in predicted]
+        lines.append(f"| {r['model']} | {r['cases']} | {r['reference']} | {r['voxels']} | " + " | ".join(share) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,13 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"maxquery-evaluate: error: {err}", file=sys.stderr)
         return 2
-    rows, dice_rows, case_rows, curves = [], [], [], {"roc": {}, "pr": {}}
+    rows, dice_rows, case_rows, confusion_table, curves = [], [], [], [], {"roc": {}, "pr": {}}
     usage_tables: dict[str, str] = {}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
-        card, tallies, dice, per_case, usage = evaluate_model(folder, args.data, names, ood_label, args.margin_mm,
-                                                       args.mc_passes, args.overlap, args.device, subsets)
+        card, tallies, dice, per_case, usage, confusion = evaluate_model(
+            folder, args.data, names, ood_label, args.margin_mm, args.mc_passes, args.overlap, args.device, subsets)
         case_rows += per_case
+        confusion_table += confusion
         for (subset, name), tally in tallies.items():
             rows.append({"model": card.name, "cases": subset, "score": name, **tally.row()})
             if subset == ALL_CASES:
@@ -276,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "ood": [r for r in rows if r["model"] == card.name], "dice": dice,
                                       **({"query_usage": usage.summary()} if usage else {})})
             write_model_card(folder, card)
-    write_report(args.out, rows, dice_rows, case_rows, curves, args.margin_mm, args.data, usage_tables)
+    write_report(args.out, rows, dice_rows, case_rows, confusion_table, curves, args.margin_mm, args.data,
+                 usage_tables)
     print((args.out / "report.md").read_text())
     return 0
 
