@@ -258,9 +258,3 @@ class ConfusionCounts:
 
     def add(self, counts: np.ndarray) -> None:
         self.counts += counts
-
-    def row_fractions(self) -> np.ndarray:
-        """Each reference class's voxels split over the predicted classes (rows sum to 1; NaN for an absent class)."""
-        totals = self.counts.sum(axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(totals > 0, self.counts / np.maximum(totals, 1), np.nan)

@@ -220,9 +220,7 @@ def test_confusion_counts_reference_by_predicted():
     assert case.tolist() == [[1, 1, 0], [0, 2, 1], [0, 1, 1], [1, 0, 2]]
     confusion.update(np.array([2, 2]), np.array([2, 2]))
     assert confusion.counts[2].tolist() == [0, 1, 3]
-    fractions = confusion.row_fractions()
-    assert fractions[3] == pytest.approx([1 / 3, 0, 2 / 3])  # the unseen type mostly read as class 2
-    assert np.allclose(fractions.sum(axis=1), 1.0)
-    assert np.isnan(ConfusionCounts((0, 1), (0, 1)).row_fractions()).all()
+    assert confusion.counts[3].tolist() == [1, 0, 2]  # the unseen type mostly read as class 2
+    assert not ConfusionCounts((0, 1), (0, 1)).counts.any()
     with pytest.raises(ValueError, match="differ in shape"):
         confusion.update(np.zeros(3, int), np.zeros(4, int))
