@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from maxquery.inference import Predictor
 from maxquery.metrics import ConfusionCounts, DiceAccumulator, StreamingOODMetrics, rank_auc
-from maxquery.model_folder import read_model_card, write_model_card
+from maxquery.model_folder import ModelCard, read_model_card, write_model_card
 from maxquery.preprocessing import resample_to_spacing
 from maxquery.query_usage import QueryUsage
 from maxquery.scores import SCORES
@@ -68,6 +68,18 @@ class ScoreTally:
         return row
 
 
+@dataclass
+class ModelEvaluation:
+    """One model's figures on the test cases; ``query_usage`` for a MaxQuery model only."""
+
+    card: ModelCard
+    tallies: dict[tuple[str, str], ScoreTally]  # (case subset, score) → voxel and case tallies
+    dice: dict[str, dict[str, float]]  # case subset → class name → mean Dice
+    case_rows: list[dict]
+    confusion_rows: list[dict]
+    query_usage: QueryUsage | None
+
+
 def scores_for(folder: Path, requested: list[str]) -> list[str]:
     """The requested scores this model folder can give: ``mc_dropout`` from an MC-dropout baseline
     only (and nothing else from it, as in the paper's Tab. 1), the query scores from MaxQuery only."""
@@ -85,10 +97,10 @@ def scores_for(folder: Path, requested: list[str]) -> list[str]:
 
 
 def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_label: int, margin_mm: float,
-                   mc_passes: int, overlap: float, device: str, subsets: dict[str, re.Pattern] | None = None):
-    """Tallies per (case subset, score) and Dice per subset; ``all`` holds every test case and each
-    named subset the cases whose id matches its pattern (e.g. one anatomy or scanner); for a MaxQuery
-    model also its query usage on the test cases (None otherwise)."""
+                   mc_passes: int, overlap: float, device: str,
+                   subsets: dict[str, re.Pattern] | None = None) -> ModelEvaluation:
+    """Run the model on every test case and tally each figure per case subset: ``all`` holds every
+    test case and each named subset the cases whose id matches its pattern (e.g. one anatomy)."""
     predictor = Predictor(folder, device=device, scores=score_names, mc_passes=mc_passes, overlap=overlap)
     card = predictor.card
     subsets = {ALL_CASES: re.compile(""), **(subsets or {})}
@@ -132,7 +144,7 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
     dice_means = {subset: {names[v]: d for v, d in acc.mean().items()} for subset, acc in dice_by_subset.items()}
     usage = test_query_usage(predictor, data_root) if card.architecture == "maxquery" else None
     confusion = confusion_rows(card.name, confusion_by_subset, {**names, ood_label: "unseen"})
-    return card, tallies, dice_means, case_rows, usage, confusion
+    return ModelEvaluation(card, tallies, dice_means, case_rows, confusion, usage)
 
 
 def confusion_rows(model: str, confusion_by_subset: dict[str, ConfusionCounts], names: dict[int, str]) -> list[dict]:
@@ -290,11 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     usage_tables: dict[str, str] = {}
     for folder in args.model:
         names = scores_for(folder, args.scores.split(","))
-        card, tallies, dice, per_case, usage, confusion = evaluate_model(
+        evaluation = evaluate_model(
             folder, args.data, names, ood_label, args.margin_mm, args.mc_passes, args.overlap, args.device, subsets)
-        case_rows += per_case
-        confusion_table += confusion
-        for (subset, name), tally in tallies.items():
+        card, dice, usage = evaluation.card, evaluation.dice, evaluation.query_usage
+        case_rows += evaluation.case_rows
+        confusion_table += evaluation.confusion_rows
+        for (subset, name), tally in evaluation.tallies.items():
             rows.append({"model": card.name, "cases": subset, "score": name, **tally.row()})
             if subset == ALL_CASES:
                 curves["roc"][f"{card.name}/{name}"] = tally.voxels["organ"].roc_curve()
