@@ -68,6 +68,29 @@ def test_killed_run_resumes_where_it_stopped(tiny_msd, tmp_path):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4), "the loss curve continues as uninterrupted"
 
 
+def test_stopped_run_keeps_the_schedule_of_all_epochs(tiny_msd, tmp_path):
+    """stop_after_epoch ends a run early (to resume later, e.g. with other settings) without
+    shortening its learning-rate schedule."""
+    from maxquery_training.config import load_config
+
+    work = tmp_path / "w"
+    checkpoint = work / "stage1" / "checkpoint.pt"
+    subprocess.run(_train_cmd(tiny_msd, work, "--set", "stage1.stop_after_epoch=1"), check=True, env=_env(),
+                   capture_output=True)
+    stopped = load_checkpoint(checkpoint)
+    assert stopped["epoch"] == 1
+    stage = load_config("tiny").stage1
+    assert stopped["history"][0]["lr"] == pytest.approx(poly_lr(stage.learning_rate, ITERS - 1, 4 * ITERS,
+                                                                stage.poly_exponent))
+    subprocess.run(_train_cmd(tiny_msd, work), check=True, env=_env(), capture_output=True)
+    resumed = load_checkpoint(checkpoint)
+    assert resumed["epoch"] == 4 and resumed["history"][0] == stopped["history"][0]
+
+    refused = subprocess.run(_train_cmd(tiny_msd, work, "--set", "stage1.stop_after_epoch=-1"), env=_env(),
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "stop_after_epoch" in refused.stderr
+
+
 def test_stage2_starts_from_stage1_backbone_and_freezes_it(tiny_msd, tmp_path):
     work = tmp_path / "w"
     subprocess.run([sys.executable, "-m", "maxquery_training.cli", "train", "--config", "tiny", "--data",

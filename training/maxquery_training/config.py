@@ -102,6 +102,13 @@ class StageConfig:
     # RAdam's (β1, β2). With β2 = 0.999 its variance rectification keeps the step below half of
     # Adam's for the first ~500 iterations: negligible in the paper's 250 000, most of a short CPU run.
     betas: tuple[float, float] = (0.9, 0.999)
+    # Stop after this epoch's checkpoint (0: run to ``epochs``); the schedule stays that of ``epochs``,
+    # so a later run without it continues as if uninterrupted, e.g. with other settings from there.
+    stop_after_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stop_after_epoch < 0:
+            raise ValueError(f"stop_after_epoch must be 0 (run to the end) or an epoch number, not {self.stop_after_epoch}")
 
 
 @dataclass

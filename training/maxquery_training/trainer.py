@@ -103,7 +103,8 @@ class StageTrainer:
 
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.stage.epochs
+        """All epochs done, or the requested stop (``stage.stop_after_epoch``) reached."""
+        return self.epoch >= (min(self.stage.stop_after_epoch, self.stage.epochs) or self.stage.epochs)
 
     def _backbone_frozen(self, epoch: int) -> bool:
         return self.backbone is not None and epoch < self.stage.freeze_backbone_epochs
