@@ -3,13 +3,14 @@
 #   training/scripts/make_demo_model.sh [WORK_DIR]
 # Every step resumes: run it again after an interruption.
 #
-# The shipped model is steps 1-4 on this project's 2-core CPU without native bf16 (fp32), with these
-# differences. Stage 1 (3000 iterations, about 75 min in all): its first 17 epochs ran with
-# RAdam's default beta2 = 0.999, after which the run was resumed with the configured 0.99; and it
-# ran as 30 epochs, then was resumed with epochs 60 (a restart of the poly schedule at lr 1e-3),
-# as cyst and metastasis had not started to learn (see the config). Both stage-2 runs were stopped
-# after epoch 4 of 8 and resumed with epochs 12. The exports and evaluations ran one model at a
-# time, side by side (one core each); the MC-dropout baseline was not trained for it (time).
+# The shipped model is steps 1-4 on this project's 2-core CPU without native bf16 (fp32). Step 2
+# replays its training history, interruptions included (stage.stop_after_epoch stops a run where the
+# shipped one was stopped, with the schedule it then had): stage 1 ran its first 17 of 30 epochs with
+# RAdam's default beta2 = 0.999 and was resumed with the configured 0.99; after 30 epochs it was
+# resumed with epochs 60 (a restart of the poly schedule at lr 1e-3), as cyst and metastasis had
+# not started to learn (see the config). Both stage-2 runs were stopped after epoch 4 of 8 and
+# resumed with epochs 12. Runs are seeded; CPU kernels are not bit-reproducible, so figures of a new
+# run differ slightly. The exports and evaluations ran one model at a time, side by side.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-$repo/work_dirs/liver-demo}
@@ -25,11 +26,20 @@ mkdir -p "$work"
 # 2. Stage 1 (plain backbone, also the nnU-Net baseline), then stage 2 with and without the QD
 #    loss side by side, one core each, then the MC-dropout baseline (paper Tab. 1): the plain
 #    network with dropout, fine-tuned from stage 1 (mc_dropout in the config).
-"$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" --stage 1
-OMP_NUM_THREADS=1 "$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" --stage 2 &
-OMP_NUM_THREADS=1 "$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" --stage 2 --no-qd &
-wait
-"$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" --baseline mc_dropout
+train() {
+  "$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" "$@"
+}
+train --stage 1 --set stage1.epochs=30 --set "stage1.betas=[0.9, 0.999]" --set stage1.stop_after_epoch=17
+train --stage 1 --set stage1.epochs=30
+train --stage 1
+stage2() {  # $@: --no-qd or nothing
+  OMP_NUM_THREADS=1 train --stage 2 "$@" --set stage2.epochs=8 --set stage2.stop_after_epoch=4 &&
+  OMP_NUM_THREADS=1 train --stage 2 "$@"
+}
+stage2 & qd=$!
+stage2 --no-qd & no_qd=$!
+wait $qd && wait $no_qd
+train --baseline mc_dropout
 
 # 3. Model folders (SML statistics and anomaly calibration from the training/validation cases).
 #    For time, every model's SML statistics come from the first 20 training cases, and the
