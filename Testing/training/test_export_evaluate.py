@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from maxquery.inference import Predictor
 from maxquery.inference.lesions import search_region
@@ -192,8 +193,6 @@ def test_lesion_search_and_organ_region_share_one_margin(tiny_msd):
 def test_mc_dropout_can_fine_tune_from_stage1(exported, tiny_msd, tmp_path):
     import shutil
 
-    import torch
-
     work, _ = exported
     fine = tmp_path / "work"
     shutil.copytree(work, fine, ignore=shutil.ignore_patterns("mc_dropout*", "stage2*", "model"))
@@ -228,3 +227,38 @@ def test_sml_statistics_can_use_fewer_training_cases(exported, tiny_msd, tmp_pat
                      "--set", "training_cases_for_sml=1", "--set", "validation_cases_for_calibration=1",
                      "--out", str(tmp_path / "plain")]) == 0
     assert load_model_folder(tmp_path / "plain").card.sml_stats["cases"] == 1
+
+
+def _export(train_args, out):
+    assert cli.main(["export", *train_args, "--out", str(out)]) == 0
+    return out
+
+
+def test_stage2_can_fine_tune_from_a_model_folder(exported, tiny_msd, tmp_path):
+    """nnU-Net's -pretrained_weights: no stage 1 in the new work folder; the card names the start."""
+    _, model = exported
+    fine = tmp_path / "work"
+    # at a vanishing learning rate the run keeps the weights of the model folder it starts from
+    args = ["--config", "tiny", "--data", str(tiny_msd), "--work", str(fine), "--set", "stage2.epochs=1",
+            "--set", "stage2.learning_rate=1e-12", "--set", "stage2.freeze_backbone_epochs=0"]
+    assert cli.main(["train", *args, "--stage", "2", "--init-from", str(model)]) == 0
+    start = load_model_folder(model)
+    tuned = load_model_folder(_export(args, fine / "model"))
+    for key, value in start.network.state_dict().items():
+        torch.testing.assert_close(tuned.network.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert tuned.card.training["initialized_from"]["model"] == start.card.name
+    assert tuned.card.training["initialized_from"]["weights_sha256"] == start.card.weights_sha256
+    assert tuned.card.training["epochs"] == 1
+
+
+def test_fine_tuning_refuses_a_model_for_other_input(exported, mc_dropout_model, tiny_msd, tmp_path, capsys):
+    _, model = exported
+    base = ["train", "--config", "tiny", "--data", str(tiny_msd), "--set", "stage2.epochs=1"]
+    assert cli.main([*base, "--work", str(tmp_path / "a"), "--stage", "2", "--init-from", str(mc_dropout_model)]) == 2
+    assert "not a MaxQuery one" in capsys.readouterr().err
+    assert cli.main([*base, "--work", str(tmp_path / "b"), "--stage", "2", "--init-from", str(model),
+                     "--set", "data.ct_window=[-100, 200]"]) == 2
+    assert "CT normalisation" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "stage2").exists()
+    assert cli.main([*base, "--work", str(tmp_path / "c"), "--init-from", str(model)]) == 2
+    assert "use it with --stage 2" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     maxquery-train train  --config cpu_demo --data DATASET --work WORK [--no-qd] [--stage 1|2|all]
     maxquery-train train  --config cpu_demo --data DATASET --work WORK --baseline mc_dropout
+    maxquery-train train  --config cpu_demo --data DATASET --work WORK --stage 2 --init-from MODEL_DIR
     maxquery-train export --config cpu_demo --data DATASET --work WORK --out MODEL_DIR [--run stage2]
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node 2 -m maxquery_training.cli train ...``.
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", default="all", choices=("1", "2", "all"),
                        help="1: pre-train the backbone; 2: train MaxQuery on it; all: both (default: all)")
     train.add_argument("--no-qd", action="store_true", help="ablation: stage 2 without the QD loss (folder stage2_noqd)")
+    train.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                       help="stage 2 only: start from this MaxQuery model folder's weights instead of the stage-1 "
+                            "backbone (fine-tuning; same config and spacing)")
     train.add_argument("--baseline", choices=(MC_DROPOUT_RUN,),
                        help="train only this baseline: the plain network with mc_dropout.dropout (folder mc_dropout)")
     export = sub.choices["export"]
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "no_qd", False):
         overrides["qd_loss"] = False
     try:
+        if getattr(args, "init_from", None) and (args.stage != "2" or args.baseline):
+            raise ValueError("--init-from fine-tunes MaxQuery from a model folder: use it with --stage 2 (and no "
+                             "--baseline)")
         config = load_config(args.config, overrides)
         dist_info = init_distributed(args.device)
         if args.command == "train":
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_stage1(config, plan, cases, args.work, dist_info, validation)
             if args.stage in ("2", "all") and not args.baseline:
                 train_stage2(config, plan, cases, args.work, dist_info, tag="" if config.qd_loss else "noqd",
-                             validation=validation)
+                             validation=validation, init_from=args.init_from)
         else:
             from .export import export_model
 

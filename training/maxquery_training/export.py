@@ -124,7 +124,8 @@ def export_model(
         raise FileNotFoundError(f"{run_dir / 'checkpoint.pt'} does not exist; train the {run!r} run first "
                                 "(maxquery-train train ...) or pass the --work folder it was trained in")
     network = load_trained(architecture, config, plan, run_dir)
-    history = load_checkpoint(run_dir / "checkpoint.pt")["history"]
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    history = checkpoint["history"]
     training = {
         "dataset": str(Path(data_root).name),
         "training_cases": len(list_cases(data_root, "training")),
@@ -134,6 +135,8 @@ def export_model(
         "trained_on": f"{platform.machine()} {torch.__version__}", "date": date.today().isoformat(),
         **last_validation(history),
     }
+    if checkpoint.get("initialized_from"):
+        training["initialized_from"] = checkpoint["initialized_from"]
     for unused in training.get("query_usage_unused", []):
         log.warning("%s: the %s queries win no voxel on the validation patches", run, unused)
     card = build_card(config, plan, run, training)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from maxquery.model_folder import load_model_folder
 from maxquery.network import MaxQueryNet, NetworkConfig, PlainSegmentationNet
 from maxquery.preprocessing import CTNormalization
 
@@ -27,7 +29,7 @@ from .config import StageConfig, TrainingConfig
 from .dataset import DataError, PreprocessedDataset, compute_normalization, list_cases, median_spacing
 from .distributed import DistInfo, barrier
 from .planner import Topology, plan_network
-from .trainer import PatchValidation, StageTrainer, build_loss, load_checkpoint, seed_everything
+from .trainer import CHECKPOINT, PatchValidation, StageTrainer, build_loss, load_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 MC_DROPOUT_RUN = "mc_dropout"
@@ -174,20 +176,53 @@ def train_stage1(
 
 def train_stage2(
     config: TrainingConfig, plan: Plan, cases, work_dir: Path, dist_info: DistInfo, tag: str = "",
-    validation: PatchValidation | None = None,
+    validation: PatchValidation | None = None, init_from: Path | None = None,
 ) -> MaxQueryNet:
-    """MaxQuery on the stage-1 backbone. ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
+    """MaxQuery on the stage-1 backbone, or fine-tuned from a MaxQuery model folder (``init_from``,
+    nnU-Net's ``-pretrained_weights``). ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
     seed_everything(config.seed + 1)
     model = MaxQueryNet(plan.network)
-    plain_state = load_checkpoint(_stage1_checkpoint(work_dir))["model"]
-    backbone_state = {k.removeprefix("backbone."): v for k, v in plain_state.items() if k.startswith("backbone.")}
-    model.backbone.load_state_dict(backbone_state)
+    out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
+    initialized_from = None
+    if (out / CHECKPOINT).is_file():
+        pass  # the trainer resumes it, whatever it started from
+    elif init_from is not None:
+        initialized_from = _load_model_folder_weights(model, init_from, plan)
+    else:
+        plain_state = load_checkpoint(_stage1_checkpoint(work_dir))["model"]
+        backbone_state = {k.removeprefix("backbone."): v for k, v in plain_state.items() if k.startswith("backbone.")}
+        model.backbone.load_state_dict(backbone_state)
     roles = [c.role for c in class_infos(config.data)]
     loss = build_loss("maxquery", config, roles, plan.network.query_groups)
-    out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
     StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, planned_config(config, plan),
-                 cases, out, dist_info, plan.normalization, backbone=model.backbone, validation=validation).train()
+                 cases, out, dist_info, plan.normalization, backbone=model.backbone, validation=validation,
+                 initialized_from=initialized_from).train()
     return model
+
+
+def _load_model_folder_weights(model: MaxQueryNet, folder: Path, plan: Plan) -> dict:
+    """Copy a MaxQuery model folder's weights into ``model``; refuse a folder made for other input
+    (spacing, normalisation) or another network, which would train on what it cannot read.
+    Returns what the card of the new model records of its start."""
+    loaded = load_model_folder(folder)  # safetensors, validated against its card
+    card = loaded.card
+    problems = []
+    if card.architecture != "maxquery":
+        problems.append(f"it is a {card.architecture!r} model, not a MaxQuery one")
+    if card.network != plan.network:
+        problems.append(f"its network {card.network} differs from the planned {plan.network}")
+    if not np.allclose(card.spacing_zyx, plan.spacing_zyx):
+        problems.append(f"its spacing {list(card.spacing_zyx)} mm differs from the plan's {plan.spacing_zyx}")
+    ours, theirs = astuple(plan.normalization), astuple(card.normalization)
+    if not np.allclose(ours, theirs, rtol=1e-4):
+        problems.append(f"its CT normalisation {card.normalization} differs from the plan's {plan.normalization}")
+    if problems:
+        raise ValueError(f"cannot start from {folder}: " + "; ".join(problems) + ". Fine-tune from a model "
+                         "trained with the same config and spacing, or train from stage 1 without --init-from")
+    model.load_state_dict(loaded.network.state_dict())
+    log.info("stage 2 starts from the weights of %s (%s)", card.name, folder)
+    return {"model": card.name, "weights_sha256": card.weights_sha256,
+            "epochs": card.training.get("epochs"), "run": card.training.get("run")}
 
 
 def load_trained(architecture: str, config: TrainingConfig, plan: Plan, run_dir: Path) -> torch.nn.Module:

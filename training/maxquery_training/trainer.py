@@ -72,7 +72,7 @@ class StageTrainer:
         self, name: str, model: nn.Module, loss_fn: nn.Module, stage: StageConfig, config: TrainingConfig,
         cases: list[PreprocessedCase], out_dir: str | Path, dist_info: DistInfo,
         normalization: CTNormalization, backbone: nn.Module | None = None,
-        validation: "PatchValidation | None" = None,
+        validation: "PatchValidation | None" = None, initialized_from: dict | None = None,
     ) -> None:
         self.name = name
         self.model = model.to(dist_info.device)
@@ -84,6 +84,7 @@ class StageTrainer:
         self.dist = dist_info
         self.backbone = backbone  # stage 2: frozen first, then at backbone_lr_multiplier
         self.validation = validation
+        self.initialized_from = initialized_from  # the model folder a fine-tuning run started from
         self.augmentation = build_augmentation(config.augmentation, normalization)
         backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         groups = [{"params": [p for p in model.parameters() if id(p) not in backbone_ids], "lr_multiplier": 1.0}]
@@ -120,6 +121,7 @@ class StageTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
+        self.initialized_from = state.get("initialized_from")
         torch.set_rng_state(state["torch_rng"])
         if self.dist.is_main:
             log.info("%s: resumed at epoch %d from %s", self.name, self.epoch, self.checkpoint_path)
@@ -131,6 +133,7 @@ class StageTrainer:
         save_checkpoint(self.checkpoint_path, {
             "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "history": self.history, "torch_rng": torch.get_rng_state(),
+            "initialized_from": self.initialized_from,
         })
 
     def _wrapped(self, frozen: bool) -> nn.Module:
