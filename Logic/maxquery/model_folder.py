@@ -91,6 +91,8 @@ class ModelCard:
     maxquery_version: str = __version__
     format_version: int = FORMAT_VERSION
     weights_sha256: str | None = None  # of model.safetensors, recorded when the folder is saved
+    # nnU-Net's postprocessing (inference.postprocessing), applied when the validation cases gained from it
+    keep_largest_component: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -161,6 +163,7 @@ class ModelCard:
             "training": self.training,
             "metrics": self.metrics,
             "weights_sha256": self.weights_sha256,
+            "keep_largest_component": self.keep_largest_component,
         }
 
     @classmethod
@@ -195,6 +198,7 @@ class ModelCard:
                 metrics=data.get("metrics", {}),
                 maxquery_version=data.get("maxquery_version", "unknown"),
                 weights_sha256=data.get("weights_sha256"),
+                keep_largest_component=_boolean(data.get("keep_largest_component", False), "keep_largest_component"),
             )
         except ModelFolderError:
             raise
@@ -289,6 +293,12 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") ->
                                f"differs); put the card and weights of one model together")
     network.load_state_dict(state)
     return LoadedModel(card, network.to(device).eval(), folder)
+
+
+def _boolean(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelFolderError(f"the model card's {key} must be true or false, not {value!r}")
+    return value
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from maxquery.inference import Predictor
 from maxquery.inference.lesions import search_region
-from maxquery.model_folder import load_model_folder
+from maxquery.model_folder import load_model_folder, write_model_card
 from maxquery.scores import sml_parameters
 from maxquery_training import cli, evaluate
 from maxquery_training.dataset import list_cases, read_case
@@ -55,6 +55,9 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert len({stats["std"][i] for i in stats["fallback"]}) <= 1  # the rare classes share the pooled values
     assert card.network.dropout == 0.0  # MaxQuery trains without dropout (paper: drop path only)
     assert card.training["epochs"] == 2 and card.training["qd_loss"] is True and card.name == "maxquery-tiny"
+    decision = card.training["postprocessing"]  # nnU-Net's rule, on the validation case
+    assert decision["validation_cases"] == 1
+    assert card.keep_largest_component == (decision["validation_dice_with"] > decision["validation_dice_without"])
     # exporting again without --overwrite refuses and keeps the folder
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--out", str(out)]) == 2
     assert load_model_folder(out).card.calibration == card.calibration
@@ -262,3 +265,23 @@ def test_fine_tuning_refuses_a_model_for_other_input(exported, mc_dropout_model,
     assert not (tmp_path / "b" / "stage2").exists()
     assert cli.main([*base, "--work", str(tmp_path / "c"), "--init-from", str(model)]) == 2
     assert "use it with --stage 2" in capsys.readouterr().err
+
+
+def test_postprocessing_is_decided_again_for_a_model_folder(exported, tiny_msd, tmp_path, capsys):
+    """maxquery-postprocess rewrites the card alone: the decision, from the validation labels."""
+    import shutil
+
+    from maxquery_training import postprocessing
+
+    model = shutil.copytree(exported[1], tmp_path / "model")
+    card = load_model_folder(model).card
+    card.keep_largest_component = not card.keep_largest_component
+    card.training.pop("postprocessing")
+    write_model_card(model, card)
+    assert postprocessing.main(["--data", str(tiny_msd), "--model", str(model)]) == 0
+    decided = load_model_folder(model).card  # the weights still match the card's digest
+    assert decided.keep_largest_component == load_model_folder(exported[1]).card.keep_largest_component
+    assert decided.training["postprocessing"] == load_model_folder(exported[1]).card.training["postprocessing"]
+    assert "only the largest foreground region" in capsys.readouterr().out
+    assert postprocessing.main(["--data", str(tmp_path / "nothing"), "--model", str(model)]) == 2
+    assert "maxquery-postprocess: error:" in capsys.readouterr().err

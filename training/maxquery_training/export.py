@@ -1,4 +1,5 @@
-"""Turn a trained run into a model folder: card, weights, SML statistics and anomaly calibration.
+"""Turn a trained run into a model folder: card, weights, postprocessing, SML statistics and anomaly
+calibration.
 
 SML needs the mean and standard deviation of the max logit per predicted class over the voxels
 of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The
@@ -30,6 +31,7 @@ from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import list_cases, read_case
 from .pipeline import MC_DROPOUT_RUN, Plan, load_trained, run_network_config
+from .postprocessing import determine_postprocessing
 from .regions import organ_region
 from .trainer import load_checkpoint
 
@@ -142,14 +144,19 @@ def export_model(
     card = build_card(config, plan, run, training)
     # the baseline's anomaly map is its own method's score, calibrated like MaxQuery's
     score = "maxquery" if architecture == "maxquery" else "mc_dropout" if run == MC_DROPOUT_RUN else "maxlogit"
+    validation = list_cases(data_root, "validation")
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
-        predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"))
+        decision = determine_postprocessing(
+            Predictor(tmp, device=device, scores=("maxlogit",), keep_largest_component=False), validation)
+        card.keep_largest_component = decision["keep_largest_component"]
+        card.training["postprocessing"] = decision
+        predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"),
+                              keep_largest_component=card.keep_largest_component)
         if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only
             training_cases = list_cases(data_root, "training")
             card.sml_stats = sml_statistics(predictor, training_cases[:config.training_cases_for_sml or None])
         torch.manual_seed(0)  # the baseline's dropout masks: the same calibration from the same run
-        validation = list_cases(data_root, "validation")
         samples = calibration_samples(predictor, validation[:config.validation_cases_for_calibration or None],
                                       config, score)
         conditions = predictor.calibration_conditions()  # the predictor marks runs that differ

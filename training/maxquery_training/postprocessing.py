@@ -1,0 +1,79 @@
+"""Decide nnU-Net's postprocessing for a model on its validation cases, and record it in the card.
+
+nnU-Net keeps only the largest foreground region when that raises the mean Dice of the foreground
+classes on the validation cases; the same rule here (``maxquery.inference.postprocessing``). The
+decision is taken on the labels of the input grid, where the Dice is measured; inference applies it
+on the model grid, before the labels are resampled, so that the anomaly search agrees with them.
+
+    maxquery-postprocess --data DATASET --model MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from maxquery.errors import MaxQueryError
+from maxquery.inference import Predictor
+from maxquery.inference.postprocessing import keep_largest_component
+from maxquery.metrics import DiceAccumulator
+from maxquery.model_folder import read_model_card, write_model_card
+
+from .dataset import DataError, list_cases, read_case
+
+
+def determine_postprocessing(predictor: Predictor, cases) -> dict:
+    """Mean foreground Dice of the validation cases without and with the largest region only,
+    and whether to keep it (it must raise the Dice). ``predictor`` must not postprocess."""
+    if predictor.keep_largest_component:
+        raise ValueError("the decision needs the labels before postprocessing (keep_largest_component=False)")
+    values = tuple(predictor.card.foreground_values)
+    without, with_largest = DiceAccumulator(values), DiceAccumulator(values)
+    for case in tqdm(cases, desc="postprocessing", leave=False):
+        image, label = read_case(case)
+        predicted = sitk.GetArrayFromImage(predictor.predict(image).labels)
+        reference = sitk.GetArrayFromImage(label)
+        without.update(predicted, reference)
+        with_largest.update(keep_largest_component(predicted), reference)
+    before = float(np.nanmean(list(without.mean().values())))
+    after = float(np.nanmean(list(with_largest.mean().values())))
+    return {"keep_largest_component": bool(after > before), "validation_cases": len(cases),
+            "validation_dice_without": before, "validation_dice_with": after}
+
+
+def record_postprocessing(folder: Path, data_root: Path, device: str = "auto") -> dict:
+    """Decide on ``data_root``'s validation cases and write the decision into the model's card."""
+    predictor = Predictor(folder, device=device, scores=("maxlogit",), keep_largest_component=False)
+    decision = determine_postprocessing(predictor, list_cases(data_root, "validation"))
+    card = read_model_card(folder)
+    card.keep_largest_component = decision["keep_largest_component"]
+    card.training = card.training | {"postprocessing": decision}
+    write_model_card(folder, card)
+    return decision
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="maxquery-postprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, type=Path, help="Decathlon-layout dataset with a validation split")
+    parser.add_argument("--model", required=True, type=Path, help="model folder whose card records the decision")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    try:
+        decision = record_postprocessing(args.model, args.data, args.device)
+    except (DataError, MaxQueryError, FileNotFoundError, ValueError) as err:
+        print(f"maxquery-postprocess: error: {err}", file=sys.stderr)
+        return 2
+    verdict = "keeps" if decision["keep_largest_component"] else "does not keep"
+    print(f"{args.model.name} {verdict} only the largest foreground region: mean validation Dice "
+          f"{100 * decision['validation_dice_without']:.2f} without, {100 * decision['validation_dice_with']:.2f} "
+          f"with ({decision['validation_cases']} cases)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
