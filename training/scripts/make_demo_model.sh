@@ -41,8 +41,9 @@ stage2 --no-qd & no_qd=$!
 wait $qd && wait $no_qd
 train --baseline mc_dropout
 
-# 3. Model folders (SML statistics and anomaly calibration from the training/validation cases).
-#    For time, every model's SML statistics come from the first 20 training cases, and the
+# 3. Model folders (SML statistics and anomaly calibration from the training/validation cases,
+#    nnU-Net's postprocessing decided on the validation cases; the shipped folder, exported before
+#    the export decided it, got it from maxquery-postprocess, the same rule). For time, every model's SML statistics come from the first 20 training cases, and the
 #    MC-dropout baseline (8 passes per case) is calibrated on 4 of the 12 validation cases.
 export_run() {
   "$py" -m maxquery_training.cli export --config "$config" --data "$data" --work "$work" --run "$1" \
