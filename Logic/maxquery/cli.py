@@ -184,6 +184,9 @@ def _add_inference_arguments(group) -> None:
     group.add_argument("--batch-size", type=_positive_int, default=2, help="patches per forward pass")
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="network precision: auto = bf16 where the CPU or GPU computes it natively, else fp32")
+    group.add_argument("--keep-all-regions", action="store_true",
+                       help="skip the model's postprocessing (keeping only the largest organ region): show every "
+                            "predicted region")
 
 
 # ----------------------------------------------------------------------------- checks before the work
@@ -228,7 +231,8 @@ def _load_predictor(args: argparse.Namespace) -> Predictor:
     try:
         predictor = Predictor(args.model, device=args.device, fast=args.fast, scores=_raw_maps(args),
                               overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
-                              precision=args.precision)
+                              precision=args.precision,
+                              keep_largest_component=False if args.keep_all_regions else None)
     except ValueError as err:
         if isinstance(err, MaxQueryError):
             raise

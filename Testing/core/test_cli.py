@@ -132,3 +132,23 @@ def test_missing_or_mismatched_model_folder(tmp_path, model_dir, ct, capsys):
     assert main(["segment", str(ct), "--model", str(broken), "--out", str(tmp_path / "o")]) == EXIT_USER_ERROR
     assert "safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_keep_all_regions_skips_the_models_postprocessing(tmp_path, real_data, repo_dir):
+    """The bundled model keeps the largest region (its card says so): on B's source slab it also
+    finds an organ apart from the liver. One region by default, more with the flag; the summary
+    says which was done and how much was removed."""
+    from scipy import ndimage
+
+    model = repo_dir / "Resources" / "Models" / "maxquery-liver-demo"
+    regions, summaries = {}, {}
+    for flags in ([], ["--keep-all-regions"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["segment", str(real_data / "totalsegmentator" / "example_ct_dicom"), "--model", str(model),
+                     "--out", str(out), "--device", "cpu", *flags]) == 0
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(next(out.glob("*_labels.nii.gz")))))
+        regions[bool(flags)] = ndimage.label(labels > 0, np.ones((3, 3, 3)))[1]
+        summaries[bool(flags)] = json.loads(next(out.glob("*_summary.json")).read_text())["postprocessing"]
+    assert regions[False] == 1 < regions[True]
+    assert summaries[False]["keep_largest_component"] is True and summaries[False]["removed_ml"] > 10
+    assert summaries[True] == {"keep_largest_component": False, "removed_ml": None}

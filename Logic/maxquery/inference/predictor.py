@@ -170,7 +170,7 @@ class Predictor:
 
         step("postprocessing")
         probabilities = maps[:k].numpy()
-        removed_ml = self._keep_largest_component(probabilities) if self.keep_largest_component else 0.0
+        removed_ml = self._keep_largest_component(probabilities) if self.keep_largest_component else None
         indices = probabilities.argmax(axis=0).astype(np.uint8)
         label_values = np.asarray([c.value for c in self.card.classes], np.uint8)
         context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing_zyx=self.spacing_zyx)
@@ -207,7 +207,7 @@ class Predictor:
             labels=labels, anomaly=anomaly, raw_scores=MapsOnInputGrid(raw, grid, image), case_score=score, case_scores=case_scores,
             lesions=lesions, card=self.card, anomaly_threshold=threshold, device=str(self.device),
             precision=self.precision.name, timings=timings, anomaly_score=self.anomaly_score,
-            calibrated=calibrated_ok, notes=notes, image=image,
+            calibrated=calibrated_ok, notes=notes, image=image, removed_by_postprocessing_ml=removed_ml,
         )
 
     def _keep_largest_component(self, probabilities: np.ndarray) -> float:

@@ -52,6 +52,7 @@ class SegmentationResult:
     notes: list[str] = field(default_factory=list)  # caveats to show the user (fast mode, calibration)
     image: sitk.Image | None = None  # the input CT (same object, not a copy), for review pictures
     case_scores: dict[str, float] = field(default_factory=dict)  # per score: raw mean in the predicted tumour
+    removed_by_postprocessing_ml: float | None = None  # None: every predicted region kept (postprocessing off)
 
     def summary(self) -> dict:
         """JSON-ready description of the case (what ``<name>_summary.json`` holds)."""
@@ -68,5 +69,7 @@ class SegmentationResult:
             "classes": [c.to_dict() for c in self.card.classes],
             "device": self.device,
             "precision": self.precision,
+            "postprocessing": {"keep_largest_component": self.removed_by_postprocessing_ml is not None,
+                               "removed_ml": self.removed_by_postprocessing_ml},
             "timings_s": self.timings,
         }
