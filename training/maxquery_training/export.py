@@ -31,7 +31,7 @@ from .classes import class_infos
 from .config import TrainingConfig
 from .dataset import list_cases, read_case
 from .pipeline import MC_DROPOUT_RUN, Plan, load_trained, run_network_config
-from .postprocessing import determine_postprocessing
+from .postprocessing import decide_postprocessing
 from .regions import organ_region
 from .trainer import load_checkpoint
 
@@ -147,10 +147,7 @@ def export_model(
     validation = list_cases(data_root, "validation")
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, card, network)
-        decision = determine_postprocessing(
-            Predictor(tmp, device=device, scores=("maxlogit",), keep_largest_component=False), validation)
-        card.keep_largest_component = decision["keep_largest_component"]
-        card.training["postprocessing"] = decision
+        decide_postprocessing(tmp, validation, card, device)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"),
                               keep_largest_component=card.keep_largest_component)
         if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only

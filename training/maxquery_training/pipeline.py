@@ -182,7 +182,8 @@ def train_stage2(
     nnU-Net's ``-pretrained_weights``). ``tag`` names the run folder (e.g. ``noqd`` for the ablation)."""
     seed_everything(config.seed + 1)
     model = MaxQueryNet(plan.network)
-    out = work_dir / ("stage2" + (f"_{tag}" if tag else ""))
+    name = "stage2" + (f"_{tag}" if tag else "")
+    out = work_dir / name
     initialized_from = None
     if (out / CHECKPOINT).is_file():
         pass  # the trainer resumes it, whatever it started from
@@ -194,7 +195,7 @@ def train_stage2(
         model.backbone.load_state_dict(backbone_state)
     roles = [c.role for c in class_infos(config.data)]
     loss = build_loss("maxquery", config, roles, plan.network.query_groups)
-    StageTrainer("stage2" + (f"_{tag}" if tag else ""), model, loss, config.stage2, planned_config(config, plan),
+    StageTrainer(name, model, loss, config.stage2, planned_config(config, plan),
                  cases, out, dist_info, plan.normalization, backbone=model.backbone, validation=validation,
                  initialized_from=initialized_from).train()
     return model

@@ -22,7 +22,7 @@ from maxquery.errors import MaxQueryError
 from maxquery.inference import Predictor
 from maxquery.inference.postprocessing import keep_largest_component
 from maxquery.metrics import DiceAccumulator
-from maxquery.model_folder import read_model_card, write_model_card
+from maxquery.model_folder import ModelCard, read_model_card, write_model_card
 
 from .dataset import DataError, list_cases, read_case
 
@@ -46,13 +46,19 @@ def determine_postprocessing(predictor: Predictor, cases) -> dict:
             "validation_dice_without": before, "validation_dice_with": after}
 
 
-def record_postprocessing(folder: Path, data_root: Path, device: str = "auto") -> dict:
-    """Decide on ``data_root``'s validation cases and write the decision into the model's card."""
+def decide_postprocessing(folder: Path, cases, card: ModelCard, device: str = "auto") -> dict:
+    """Decide for the model in ``folder`` on ``cases`` and put the decision and its figures in ``card``."""
     predictor = Predictor(folder, device=device, scores=("maxlogit",), keep_largest_component=False)
-    decision = determine_postprocessing(predictor, list_cases(data_root, "validation"))
-    card = read_model_card(folder)
+    decision = determine_postprocessing(predictor, cases)
     card.keep_largest_component = decision["keep_largest_component"]
     card.training = card.training | {"postprocessing": decision}
+    return decision
+
+
+def record_postprocessing(folder: Path, data_root: Path, device: str = "auto") -> dict:
+    """Decide on ``data_root``'s validation cases and write the decision into the model's card."""
+    card = read_model_card(folder)
+    decision = decide_postprocessing(folder, list_cases(data_root, "validation"), card, device)
     write_model_card(folder, card)
     return decision
 
