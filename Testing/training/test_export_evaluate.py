@@ -285,3 +285,11 @@ def test_postprocessing_is_decided_again_for_a_model_folder(exported, tiny_msd, 
     assert "only the largest foreground region" in capsys.readouterr().out
     assert postprocessing.main(["--data", str(tmp_path / "nothing"), "--model", str(model)]) == 2
     assert "maxquery-postprocess: error:" in capsys.readouterr().err
+
+
+def test_a_missing_start_folder_is_refused_before_any_preprocessing(tiny_msd, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert cli.main(["train", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--stage", "2",
+                     "--init-from", str(tmp_path / "no_model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not work.exists()

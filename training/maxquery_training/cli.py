@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from maxquery.model_folder import read_model_card
 
 from .config import load_config, read_yaml
 from .dataset import DataError
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "init_from", None) and (args.stage != "2" or args.baseline):
             raise ValueError("--init-from fine-tunes MaxQuery from a model folder: use it with --stage 2 (and no "
                              "--baseline)")
+        if getattr(args, "init_from", None):
+            read_model_card(args.init_from)  # a missing or corrupt folder is refused before any preprocessing
         config = load_config(args.config, overrides)
         dist_info = init_distributed(args.device)
         if args.command == "train":
