@@ -108,6 +108,15 @@ def test_evaluate_writes_the_tables(exported, mc_dropout_model, tiny_msd, tmp_pa
     assert np.mean(livers) == pytest.approx(float(dice[0]["liver"]))  # the table is the mean of the rows
     assert float(mine[0]["case_score_maxquery"]) == float(mine[0]["case_score_maxquery"])  # a number, not NaN
     assert [c["case_score_maxquery"] for c in cases if c["model"] == "maxquery-tiny-plain"][0] == ""
+    # each row's voxel counts are the case's own (OOD voxels excluded) and give its Dice
+    first = next(c for c in list_cases(tiny_msd, "test_ood") if c.case_id == mine[-1]["case"])
+    first_reference = sitk.GetArrayFromImage(read_case(first)[1])
+    assert int(mine[-1]["n_ref_liver"]) == int((first_reference == 1).sum()) > 0
+    for row in mine:
+        n_ref, n_pred, tp = (int(row[f"{k}_liver"]) for k in ("n_ref", "n_pred", "tp"))
+        assert 0 <= tp <= min(n_ref, n_pred)
+        if n_ref + n_pred:
+            assert float(row["dice_liver"]) == pytest.approx(2 * tp / (n_ref + n_pred))
     # the subset holds the one OOD case: its Dice row is that case's row
     subset_liver = [d["liver"] for d in all_dice if d["cases"] == "ood" and d["model"] == "maxquery-tiny"]
     assert subset_liver == [c["dice_liver"] for c in mine if c["case"] == "tiny_005"]

@@ -7,8 +7,9 @@ voxels of the test splits, OOD label positive) inside the organ region and over 
 and case-level AUC (case score = mean raw score inside the predicted tumour on the model grid,
 ``maxquery.metrics.case_score``, paper §4.2); for every model the Dice per organ and inlier
 tumour type (OOD voxels excluded). Writes ``report.md``,
-``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice and case scores, to see where a model
-fails), ``confusion.csv`` (voxels of each reference class by predicted class: which type is taken
+``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice, each class's reference, predicted and
+overlapping voxels as nnU-Net's summary has them, and case scores, to see where a model fails: a
+Dice of 0 is a missed lesion or a false one), ``confusion.csv`` (voxels of each reference class by predicted class: which type is taken
 for which), ``roc.png`` and ``pr.png``.
 """
 
@@ -135,12 +136,14 @@ def evaluate_model(folder: Path, data_root: Path, score_names: list[str], ood_la
                     tally.voxels[r].merge(voxels[r])
                 tally.case_scores.append(row[f"case_score_{name}"])
                 tally.case_is_ood.append(is_ood_case)
-        case_dice = dice_by_subset[ALL_CASES].update(np.where(ood, 0, predicted), np.where(ood, 0, reference))
+        inlier_predicted, inlier_reference = np.where(ood, 0, predicted), np.where(ood, 0, reference)
+        case_dice = dice_by_subset[ALL_CASES].update(inlier_predicted, inlier_reference)
         case_confusion = confusion_by_subset[ALL_CASES].update(predicted, reference)
         for subset in member_of[1:]:
             dice_by_subset[subset].add(case_dice)
             confusion_by_subset[subset].add(case_confusion)
-        case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()})
+        case_rows.append(row | {f"dice_{names[v]}": d for v, d in case_dice.items()}
+                         | class_voxel_counts(inlier_predicted, inlier_reference, {v: names[v] for v in labels}))
     dice_means = {subset: {names[v]: d for v, d in acc.mean().items()} for subset, acc in dice_by_subset.items()}
     usage = test_query_usage(predictor, data_root) if card.architecture == "maxquery" else None
     confusion = confusion_rows(card.name, confusion_by_subset, {**names, ood_label: "unseen"})
@@ -193,6 +196,17 @@ def json_safe(value):
 
 def _percent(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{100 * value:.2f}"
+
+
+def class_voxel_counts(predicted: np.ndarray, reference: np.ndarray, names: dict[int, str]) -> dict[str, int]:
+    """nnU-Net's per-case ``n_ref``, ``n_pred`` and ``TP`` of each class, which tell a missed lesion
+    (n_pred 0) from a false one (n_ref 0) where the Dice of both is 0."""
+    counts = {}
+    for value, name in names.items():
+        in_reference, in_prediction = reference == value, predicted == value
+        counts |= {f"n_ref_{name}": int(in_reference.sum()), f"n_pred_{name}": int(in_prediction.sum()),
+                   f"tp_{name}": int(np.count_nonzero(in_reference & in_prediction))}
+    return counts
 
 
 def write_report(out: Path, rows: list[dict], dice_rows: list[dict], case_rows: list[dict], confusion: list[dict],
