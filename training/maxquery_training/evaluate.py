@@ -6,11 +6,11 @@ For every model and every anomaly score it can produce, OOD localisation (AUROC,
 voxels of the test splits, OOD label positive) inside the organ region and over the whole volume,
 and case-level AUC (case score = mean raw score inside the predicted tumour on the model grid,
 ``maxquery.metrics.case_score``, paper §4.2); for every model the Dice per organ and inlier
-tumour type (OOD voxels excluded). Writes ``report.md``,
-``ood.csv``, ``dice.csv``, ``cases.csv`` (per case: Dice, each class's reference, predicted and
-overlapping voxels as nnU-Net's summary has them, and case scores, to see where a model fails: a
-Dice of 0 is a missed lesion or a false one), ``confusion.csv`` (voxels of each reference class by predicted class: which type is taken
-for which), ``roc.png`` and ``pr.png``.
+tumour type (OOD voxels excluded). Writes ``report.md``, ``ood.csv``, ``dice.csv``, ``cases.csv``
+(per case: Dice, each class's reference, predicted and overlapping voxels as nnU-Net's summary has
+them, and case scores, to see where a model fails: a Dice of 0 is a missed lesion or a false one),
+``confusion.csv`` (voxels of each reference class by predicted class: which type is taken for
+which), ``roc.png`` and ``pr.png``.
 """
 
 from __future__ import annotations
