@@ -3,14 +3,12 @@
 #   training/scripts/make_demo_model.sh [WORK_DIR]
 # Every step resumes: run it again after an interruption.
 #
-# The shipped model is steps 1-4 on this project's 2-core CPU without native bf16 (fp32). Step 2
-# replays its training history, interruptions included (stage.stop_after_epoch stops a run where the
-# shipped one was stopped, with the schedule it then had): stage 1 ran its first 17 of 30 epochs with
-# RAdam's default beta2 = 0.999 and was resumed with the configured 0.99; after 30 epochs it was
-# resumed with epochs 60 (a restart of the poly schedule at lr 1e-3), as cyst and metastasis had
-# not started to learn (see the config). Both stage-2 runs were stopped after epoch 4 of 8 and
-# resumed with epochs 12. Runs are seeded; CPU kernels are not bit-reproducible, so figures of a new
-# run differ slightly. The exports and evaluations ran one model at a time, side by side.
+# The shipped model is steps 1-4 on this project's 2-core CPU (fp32), each run straight through
+# (cpu_demo.yaml, seed 1): stage 1 in 31 min alone; the two stage-2 runs side by side, one thread
+# each (the QD run was stopped after epoch 25 of 40 and resumed alone with two threads; a resumed
+# run keeps its schedule). Runs are seeded; CPU kernels are not bit-reproducible, so figures of a
+# new run differ slightly. Never run a two-thread job beside another job on 2 cores: OpenMP's
+# oversubscribed threads made an export 10x slower here.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-$repo/work_dirs/liver-demo}
@@ -29,22 +27,16 @@ mkdir -p "$work"
 train() {
   "$py" -m maxquery_training.cli train --config "$config" --data "$data" --work "$work" "$@"
 }
-train --stage 1 --set stage1.epochs=30 --set "stage1.betas=[0.9, 0.999]" --set stage1.stop_after_epoch=17
-train --stage 1 --set stage1.epochs=30
 train --stage 1
-stage2() {  # $@: --no-qd or nothing
-  OMP_NUM_THREADS=1 train --stage 2 "$@" --set stage2.epochs=8 --set stage2.stop_after_epoch=4 &&
-  OMP_NUM_THREADS=1 train --stage 2 "$@"
-}
-stage2 & qd=$!
-stage2 --no-qd & no_qd=$!
+OMP_NUM_THREADS=1 train --stage 2 & qd=$!
+OMP_NUM_THREADS=1 train --stage 2 --no-qd & no_qd=$!
 wait $qd && wait $no_qd
 train --baseline mc_dropout
 
 # 3. Model folders (SML statistics and anomaly calibration from the training/validation cases,
-#    nnU-Net's postprocessing decided on the validation cases; the shipped folder, exported before
-#    the export decided it, got it from maxquery-postprocess, the same rule). For time, every model's SML statistics come from the first 20 training cases, and the
-#    MC-dropout baseline (8 passes per case) is calibrated on 4 of the 12 validation cases.
+#    nnU-Net's postprocessing decided on the validation cases). For time, every model's SML
+#    statistics come from the first 20 training cases, and the MC-dropout baseline (8 passes per
+#    case) is calibrated on 4 of the 12 validation cases.
 export_run() {
   "$py" -m maxquery_training.cli export --config "$config" --data "$data" --work "$work" --run "$1" \
     --out "$work/models/$1" --overwrite "${@:2}"
