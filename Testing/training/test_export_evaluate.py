@@ -24,7 +24,7 @@ def exported(tiny_msd, tmp_path_factory):
                      "--set", "stage1.epochs=1", "--set", "stage2.epochs=2"]) == 0
     out = work / "model"
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work),
-                     "--out", str(out)]) == 0
+                     "--out", str(out), "--set", "version=1.2.3"]) == 0
     return work, out
 
 
@@ -55,6 +55,7 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     assert len({stats["std"][i] for i in stats["fallback"]}) <= 1  # the rare classes share the pooled values
     assert card.network.dropout == 0.0  # MaxQuery trains without dropout (paper: drop path only)
     assert card.training["epochs"] == 2 and card.training["qd_loss"] is True and card.name == "maxquery-tiny"
+    assert card.version == "1.2.3"  # the config's, so that a retrained model is told apart
     decision = card.training["postprocessing"]  # nnU-Net's rule, on the validation case
     assert decision["validation_cases"] == 1
     assert card.keep_largest_component == (decision["validation_dice_with"] > decision["validation_dice_without"])

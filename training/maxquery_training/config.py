@@ -135,6 +135,7 @@ class MCDropoutConfig:
 @dataclass
 class TrainingConfig:
     name: str = "maxquery-model"
+    version: str = "0.1.0"  # the model card's; raise it whenever a model of this name is retrained
     description: str = ""
     network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig overrides
     network_preset: str = "paper"  # "paper" or "small" (maxquery.network.small_config)
