@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         dist_info = init_distributed(args.device)
         if args.command == "train":
             plan = make_plan(config, args.data, args.work, dist_info)
-            cases = load_split(config, args.data, args.work, plan, "training").cases
+            cases = load_split(config, args.data, args.work, plan, "training", dist_info).cases
             validation = patch_validation(config, args.data, args.work, plan, dist_info)
             if args.baseline:
                 train_stage1(config, plan, cases, args.work, dist_info, validation, run=args.baseline)

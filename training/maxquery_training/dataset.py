@@ -192,7 +192,9 @@ class PreprocessedDataset:
         if not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint:
             for old in cache.glob("*.npz"):
                 old.unlink()
-            stamp.write_text(json.dumps(fingerprint))
+            tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")  # a reader never sees it half written
+            tmp.write_text(json.dumps(fingerprint))
+            tmp.replace(stamp)
         for case in list_cases(root, split):
             cached = cache / f"{case.case_id}.npz"
             try:

@@ -122,9 +122,23 @@ def _planned(config: TrainingConfig, spacing, recorded: dict | None, path: Path)
     return network, topology
 
 
-def load_split(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan, split: str) -> PreprocessedDataset:
-    return PreprocessedDataset(data_root, split, config.data, work_dir / "preprocessed", plan.spacing_zyx,
-                               plan.normalization, allow_ood=split.startswith("test"))
+def load_split(config: TrainingConfig, data_root: Path, work_dir: Path, plan: Plan, split: str,
+               dist_info: DistInfo | None = None) -> PreprocessedDataset:
+    """A split, preprocessed and cached in the work folder. With several ranks, rank 0 fills the
+    cache before the others read it: ranks writing one cache at once race on its files."""
+    def dataset() -> PreprocessedDataset:
+        return PreprocessedDataset(data_root, split, config.data, work_dir / "preprocessed", plan.spacing_zyx,
+                                   plan.normalization, allow_ood=split.startswith("test"))
+
+    if dist_info is None or not dist_info.enabled:
+        return dataset()
+    if not dist_info.is_main:
+        barrier(dist_info)
+        return dataset()
+    try:
+        return dataset()
+    finally:  # also when it fails, so that the other ranks fail on the same error instead of waiting
+        barrier(dist_info)
 
 
 def planned_config(config: TrainingConfig, plan: Plan) -> TrainingConfig:
@@ -136,7 +150,7 @@ def patch_validation(config: TrainingConfig, data_root: Path, work_dir: Path, pl
                      dist_info: DistInfo) -> PatchValidation | None:
     """Validation patches from the dataset's ``validation`` split; None (and a log line) without one."""
     try:
-        cases = load_split(config, data_root, work_dir, plan, "validation").cases
+        cases = load_split(config, data_root, work_dir, plan, "validation", dist_info).cases
     except DataError as err:
         log.info("no per-epoch validation: %s", err)
         return None
