@@ -187,6 +187,9 @@ def _add_inference_arguments(group) -> None:
     group.add_argument("--keep-all-regions", action="store_true",
                        help="skip the model's postprocessing (keeping only the largest organ region): show every "
                             "predicted region")
+    group.add_argument("--keep-mixed-lesion-types", action="store_true",
+                       help="skip the model's postprocessing that gives each lesion the type most of it has: show "
+                            "each voxel's own type")
 
 
 # ----------------------------------------------------------------------------- checks before the work
@@ -232,7 +235,8 @@ def _load_predictor(args: argparse.Namespace) -> Predictor:
         predictor = Predictor(args.model, device=args.device, fast=args.fast, scores=_raw_maps(args),
                               overlap=args.overlap, mirror=args.mirror, batch_size=args.batch_size,
                               precision=args.precision,
-                              keep_largest_component=False if args.keep_all_regions else None)
+                              keep_largest_component=False if args.keep_all_regions else None,
+                              one_type_per_lesion=False if args.keep_mixed_lesion_types else None)
     except ValueError as err:
         if isinstance(err, MaxQueryError):
             raise

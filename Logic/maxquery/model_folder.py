@@ -91,8 +91,9 @@ class ModelCard:
     maxquery_version: str = __version__
     format_version: int = FORMAT_VERSION
     weights_sha256: str | None = None  # of model.safetensors, recorded when the folder is saved
-    # nnU-Net's postprocessing (inference.postprocessing), applied when the validation cases gained from it
+    # postprocessing (inference.postprocessing), each step applied when the validation cases gained from it
     keep_largest_component: bool = False
+    one_type_per_lesion: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -164,6 +165,7 @@ class ModelCard:
             "metrics": self.metrics,
             "weights_sha256": self.weights_sha256,
             "keep_largest_component": self.keep_largest_component,
+            "one_type_per_lesion": self.one_type_per_lesion,
         }
 
     @classmethod
@@ -199,6 +201,7 @@ class ModelCard:
                 maxquery_version=data.get("maxquery_version", "unknown"),
                 weights_sha256=data.get("weights_sha256"),
                 keep_largest_component=_boolean(data.get("keep_largest_component", False), "keep_largest_component"),
+                one_type_per_lesion=_boolean(data.get("one_type_per_lesion", False), "one_type_per_lesion"),
             )
         except ModelFolderError:
             raise

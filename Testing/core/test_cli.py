@@ -13,6 +13,7 @@ import slicerio
 from maxquery.cli import EXIT_USER_ERROR, main
 from maxquery.precision import cpu_has_native_bf16
 from maxquery.inference.writer import ANOMALY_STEP
+from maxquery.model_folder import load_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +135,16 @@ def test_missing_or_mismatched_model_folder(tmp_path, model_dir, ct, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_keep_all_regions_skips_the_models_postprocessing(tmp_path, real_data, repo_dir):
+def test_postprocessing_flags_skip_the_models_postprocessing(tmp_path, real_data, repo_dir):
     """The bundled model keeps the largest region (its card says so): on B's source slab it also
-    finds an organ apart from the liver. One region by default, more with the flag; the summary
-    says which was done and how much was removed."""
+    finds an organ apart from the liver. One region by default, more with --keep-all-regions; with
+    --keep-mixed-lesion-types no lesion is retyped. The summary says which steps ran and how much
+    they changed."""
     from scipy import ndimage
 
     model = repo_dir / "Resources" / "Models" / "maxquery-liver-demo"
     regions, summaries = {}, {}
-    for flags in ([], ["--keep-all-regions"]):
+    for flags in ([], ["--keep-all-regions", "--keep-mixed-lesion-types"]):
         out = tmp_path / f"out{len(flags)}"
         assert main(["segment", str(real_data / "totalsegmentator" / "example_ct_dicom"), "--model", str(model),
                      "--out", str(out), "--device", "cpu", *flags]) == 0
@@ -151,4 +153,6 @@ def test_keep_all_regions_skips_the_models_postprocessing(tmp_path, real_data, r
         summaries[bool(flags)] = json.loads(next(out.glob("*_summary.json")).read_text())["postprocessing"]
     assert regions[False] == 1 < regions[True]
     assert summaries[False]["keep_largest_component"] is True and summaries[False]["removed_ml"] > 10
-    assert summaries[True] == {"keep_largest_component": False, "removed_ml": None}
+    assert summaries[False]["one_type_per_lesion"] is load_model_folder(model).card.one_type_per_lesion
+    assert summaries[True] == {"keep_largest_component": False, "removed_ml": None, "one_type_per_lesion": False,
+                               "retyped_ml": None}

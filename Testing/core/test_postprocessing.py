@@ -1,5 +1,6 @@
-"""nnU-Net's postprocessing (keep the largest foreground region), on arrays and with the bundled
-model on the contrast-enhanced slab it was never trained on (LiverBench's patient B)."""
+"""Postprocessing (keep the largest foreground region, one type per lesion), on arrays and with the
+bundled model on real CTs: the contrast-enhanced slab it was never trained on (LiverBench's
+patient B) and the demo case."""
 
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from maxquery.inference import Predictor
-from maxquery.inference.postprocessing import keep_largest_component, outside_largest_component
+from maxquery.demo import DEMO_CASE
+from maxquery.inference.postprocessing import keep_largest_component, one_type_per_lesion, outside_largest_component
 from maxquery.io import read_image
 from maxquery.model_folder import ModelFolderError, ModelCard, read_model_card
 
@@ -35,13 +37,52 @@ def test_regions_touching_at_a_corner_are_one_region():
     assert not outside_largest_component(np.zeros((3, 3, 3), bool)).any()
 
 
-def test_the_card_keeps_the_decision_and_refuses_a_non_boolean():
+def test_each_lesion_takes_the_type_most_of_its_voxels_have():
+    labels = np.zeros((6, 12, 12), np.uint8)
+    labels[:, :, :] = 1
+    labels[1:4, 1:4, 1:4] = 3  # 27 voxels of hcc ...
+    labels[1:4, 1:4, 4] = 4  # ... with a rim of 9 read as metastasis: one lesion
+    labels[1:3, 8:10, 8:10] = 4  # a lesion apart keeps its own type
+    labels[4, 8, 1] = 2  # a tie of one cyst voxel ...
+    labels[4, 8, 2] = 4  # ... and one metastasis voxel goes to the type listed first
+    voted = one_type_per_lesion(labels, (2, 3, 4))
+    assert (voted[1:4, 1:4, 1:5] == 3).all()
+    assert (voted[1:3, 8:10, 8:10] == 4).all() and (voted[4, 8, 1:3] == 2).all()
+    untouched = ~np.isin(labels, (2, 3, 4))
+    assert (voted[untouched] == labels[untouched]).all()
+    assert (one_type_per_lesion(np.ones((2, 2, 2), np.uint8), (2, 3, 4)) == 1).all()
+
+
+def test_the_card_keeps_the_decisions_and_refuses_a_non_boolean():
     data = read_model_card(DEMO_MODEL).to_dict()
-    assert ModelCard.from_dict(data | {"keep_largest_component": True}).keep_largest_component is True
-    assert ModelCard.from_dict({k: v for k, v in data.items() if k != "keep_largest_component"}) \
-        .keep_largest_component is False  # cards written before it existed
-    with pytest.raises(ModelFolderError, match="keep_largest_component must be true or false"):
-        ModelCard.from_dict(data | {"keep_largest_component": "yes"})
+    for step in ("keep_largest_component", "one_type_per_lesion"):
+        assert getattr(ModelCard.from_dict(data | {step: True}), step) is True
+        assert getattr(ModelCard.from_dict({k: v for k, v in data.items() if k != step}), step) is False  # older cards
+        with pytest.raises(ModelFolderError, match=f"{step} must be true or false"):
+            ModelCard.from_dict(data | {step: "yes"})
+
+
+def test_bundled_model_gives_each_lesion_of_the_demo_case_one_type():
+    """Without the step the bundled model splits lesions of the demo case between types; with it
+    every connected tumour region of the labels on the input grid has one type, and the tumour
+    keeps its extent."""
+    ct = sitk.ReadImage(str(DEMO_CASE))
+    tumour_values = (2, 3, 4)
+    labels, results = {}, {}
+    for vote in (False, True):
+        results[vote] = Predictor(DEMO_MODEL, device="cpu", one_type_per_lesion=vote).predict(ct)
+        labels[vote] = sitk.GetArrayFromImage(results[vote].labels)
+
+    def mixed_lesions(array):
+        regions, count = ndimage.label(np.isin(array, tumour_values), np.ones((3, 3, 3)))
+        return sum(len(np.unique(array[regions == i])) > 1 for i in range(1, count + 1))
+
+    assert mixed_lesions(labels[False]) > 0
+    assert mixed_lesions(labels[True]) == 0
+    tumour = {vote: np.isin(array, tumour_values).sum() for vote, array in labels.items()}
+    assert abs(tumour[True] - tumour[False]) <= 0.01 * tumour[False]  # the same on the model grid
+    assert results[True].retyped_by_postprocessing_ml > 0 and results[False].retyped_by_postprocessing_ml is None
+    assert any("one type per lesion" in note for note in results[True].notes)
 
 
 def test_bundled_model_drops_the_organ_it_takes_for_liver_on_the_unseen_slab(real_data):

@@ -59,6 +59,8 @@ def test_export_writes_a_calibrated_model_folder(exported, tiny_msd):
     decision = card.training["postprocessing"]  # nnU-Net's rule, on the validation case
     assert decision["validation_cases"] == 1
     assert card.keep_largest_component == (decision["validation_dice_with"] > decision["validation_dice_without"])
+    chosen = decision["validation_dice_with" if card.keep_largest_component else "validation_dice_without"]
+    assert card.one_type_per_lesion == (decision["validation_dice_one_type_per_lesion"] > chosen)
     # exporting again without --overwrite refuses and keeps the folder
     assert cli.main(["export", "--config", "tiny", "--data", str(tiny_msd), "--work", str(work), "--out", str(out)]) == 2
     assert load_model_folder(out).card.calibration == card.calibration
@@ -286,13 +288,16 @@ def test_postprocessing_is_decided_again_for_a_model_folder(exported, tiny_msd, 
     model = shutil.copytree(exported[1], tmp_path / "model")
     card = load_model_folder(model).card
     card.keep_largest_component = not card.keep_largest_component
+    card.one_type_per_lesion = not card.one_type_per_lesion
     card.training.pop("postprocessing")
     write_model_card(model, card)
     assert postprocessing.main(["--data", str(tiny_msd), "--model", str(model)]) == 0
     decided = load_model_folder(model).card  # the weights still match the card's digest
     assert decided.keep_largest_component == load_model_folder(exported[1]).card.keep_largest_component
+    assert decided.one_type_per_lesion == load_model_folder(exported[1]).card.one_type_per_lesion
     assert decided.training["postprocessing"] == load_model_folder(exported[1]).card.training["postprocessing"]
-    assert "only the largest foreground region" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "only the largest foreground region" in printed and "each lesion one type" in printed
     assert postprocessing.main(["--data", str(tmp_path / "nothing"), "--model", str(model)]) == 2
     assert "maxquery-postprocess: error:" in capsys.readouterr().err
 

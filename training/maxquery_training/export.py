@@ -149,7 +149,8 @@ def export_model(
         save_model_folder(tmp, card, network)
         decide_postprocessing(tmp, validation, card, device)
         predictor = Predictor(tmp, device=device, scores=(score, "maxlogit"),
-                              keep_largest_component=card.keep_largest_component)
+                              keep_largest_component=card.keep_largest_component,
+                              one_type_per_lesion=card.one_type_per_lesion)
         if run != MC_DROPOUT_RUN:  # the baseline is evaluated with mc_dropout only
             training_cases = list_cases(data_root, "training")
             card.sml_stats = sml_statistics(predictor, training_cases[:config.training_cases_for_sml or None])

@@ -1,9 +1,10 @@
-"""Decide nnU-Net's postprocessing for a model on its validation cases, and record it in the card.
+"""Decide a model's postprocessing on its validation cases, and record it in the card.
 
 nnU-Net keeps only the largest foreground region when that raises the mean Dice of the foreground
-classes on the validation cases; the same rule here (``maxquery.inference.postprocessing``). The
-decision is taken on the labels of the input grid, where the Dice is measured; inference applies it
-on the model grid, before the labels are resampled, so that the anomaly search agrees with them.
+classes on the validation cases; the same rule here, and then, on top of that decision, the same
+rule for giving each lesion one type (``maxquery.inference.postprocessing``). The decisions are
+taken on the labels of the input grid, where the Dice is measured; inference applies them on the
+model grid, before the labels are resampled, so that the anomaly search agrees with them.
 
     maxquery-postprocess --data DATASET --model MODEL_DIR
 """
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from maxquery.errors import MaxQueryError
 from maxquery.inference import Predictor
-from maxquery.inference.postprocessing import keep_largest_component
+from maxquery.inference.postprocessing import keep_largest_component, one_type_per_lesion
 from maxquery.metrics import DiceAccumulator
 from maxquery.model_folder import ModelCard, read_model_card, write_model_card
 
@@ -28,29 +29,38 @@ from .dataset import DataError, list_cases, read_case
 
 
 def determine_postprocessing(predictor: Predictor, cases) -> dict:
-    """Mean foreground Dice of the validation cases without and with the largest region only,
-    and whether to keep it (it must raise the Dice). ``predictor`` must not postprocess."""
-    if predictor.keep_largest_component:
-        raise ValueError("the decision needs the labels before postprocessing (keep_largest_component=False)")
-    values = tuple(predictor.card.foreground_values)
-    without, with_largest = DiceAccumulator(values), DiceAccumulator(values)
+    """Mean foreground Dice of the validation cases without and with each step, and which steps
+    to apply (a step must raise the Dice; one type per lesion is judged after the first step's
+    decision). ``predictor`` must not postprocess."""
+    if predictor.keep_largest_component or predictor.one_type_per_lesion:
+        raise ValueError("the decision needs the labels before postprocessing "
+                         "(keep_largest_component=False, one_type_per_lesion=False)")
+    card = predictor.card
+    values = tuple(card.foreground_values)
+    tumour_values = [card.classes[i].value for i in card.tumor_indices]
+    steps = {(largest, vote): DiceAccumulator(values) for largest in (False, True) for vote in (False, True)}
     for case in tqdm(cases, desc="postprocessing", leave=False):
         image, label = read_case(case)
         predicted = sitk.GetArrayFromImage(predictor.predict(image).labels)
         reference = sitk.GetArrayFromImage(label)
-        without.update(predicted, reference)
-        with_largest.update(keep_largest_component(predicted), reference)
-    before = float(np.nanmean(list(without.mean().values())))
-    after = float(np.nanmean(list(with_largest.mean().values())))
-    return {"keep_largest_component": bool(after > before), "validation_cases": len(cases),
-            "validation_dice_without": before, "validation_dice_with": after}
+        for largest in (False, True):
+            kept = keep_largest_component(predicted) if largest else predicted
+            steps[largest, False].update(kept, reference)
+            steps[largest, True].update(one_type_per_lesion(kept, tumour_values), reference)
+    dice = {key: float(np.nanmean(list(accumulator.mean().values()))) for key, accumulator in steps.items()}
+    largest = dice[True, False] > dice[False, False]
+    return {"keep_largest_component": bool(largest), "one_type_per_lesion": bool(dice[largest, True] > dice[largest, False]),
+            "validation_cases": len(cases), "validation_dice_without": dice[False, False],
+            "validation_dice_with": dice[True, False], "validation_dice_one_type_per_lesion": dice[largest, True]}
 
 
 def decide_postprocessing(folder: Path, cases, card: ModelCard, device: str = "auto") -> dict:
     """Decide for the model in ``folder`` on ``cases`` and put the decision and its figures in ``card``."""
-    predictor = Predictor(folder, device=device, scores=("maxlogit",), keep_largest_component=False)
+    predictor = Predictor(folder, device=device, scores=("maxlogit",), keep_largest_component=False,
+                          one_type_per_lesion=False)
     decision = determine_postprocessing(predictor, cases)
     card.keep_largest_component = decision["keep_largest_component"]
+    card.one_type_per_lesion = decision["one_type_per_lesion"]
     card.training = card.training | {"postprocessing": decision}
     return decision
 
@@ -78,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model.name} {verdict} only the largest foreground region: mean validation Dice "
           f"{100 * decision['validation_dice_without']:.2f} without, {100 * decision['validation_dice_with']:.2f} "
           f"with ({decision['validation_cases']} cases)")
+    verdict = "gives" if decision["one_type_per_lesion"] else "does not give"
+    print(f"{args.model.name} {verdict} each lesion one type: mean validation Dice "
+          f"{100 * decision['validation_dice_one_type_per_lesion']:.2f} with it")
     return 0
 
 

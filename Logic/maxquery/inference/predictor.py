@@ -27,7 +27,7 @@ from ..preprocessing import resample_to_spacing, to_canonical
 from ..scores import ScoreContext, get_score, mc_dropout_prediction
 from .input_grid import MapsOnInputGrid, labels_on_input_grid, map_on_input_grid, model_image
 from .lesions import find_lesions, search_region
-from .postprocessing import outside_largest_component
+from .postprocessing import one_type_per_lesion, outside_largest_component
 from ..precision import select_precision
 from .resources import check_fits, cpu_threads, estimate_memory, select_device, torch_threads
 from .result import SegmentationResult
@@ -65,15 +65,15 @@ class Predictor:
     CPU), ``cpu``, ``cuda`` or ``mps``; ``fell_back_to_cpu`` tells whether an accelerator was
     wanted but none could be used. ``precision``: ``auto``, ``fp32`` or ``bf16`` (see
     ``precision.select_precision``); ``self.precision`` says what is used and why.
-    ``keep_largest_component``: nnU-Net's postprocessing (``postprocessing``); None applies it as
-    the model card says.
+    ``keep_largest_component`` and ``one_type_per_lesion``: the postprocessing steps
+    (``postprocessing``); None applies each as the model card says.
     """
 
     def __init__(
         self, model_folder: str | Path, device: str = "auto", fast: bool = False,
         scores: Sequence[str] = ("maxquery",), overlap: float = 0.5, mirror: bool = False,
         batch_size: int = 2, mc_passes: int = 8, num_threads: int | None = None, precision: str = "auto",
-        keep_largest_component: bool | None = None,
+        keep_largest_component: bool | None = None, one_type_per_lesion: bool | None = None,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
@@ -84,6 +84,7 @@ class Predictor:
         self.fast, self.overlap, self.mirror = fast, overlap, mirror
         self.keep_largest_component = (self.card.keep_largest_component if keep_largest_component is None
                                        else keep_largest_component)
+        self.one_type_per_lesion = self.card.one_type_per_lesion if one_type_per_lesion is None else one_type_per_lesion
         self.batch_size, self.mc_passes = max(1, int(batch_size)), int(mc_passes)
         self._batch = self.batch_size  # lowered per case when memory is short
         self.num_threads = num_threads or cpu_threads()
@@ -171,6 +172,7 @@ class Predictor:
         step("postprocessing")
         probabilities = maps[:k].numpy()
         removed_ml = self._keep_largest_component(probabilities) if self.keep_largest_component else None
+        retyped_ml = self._one_type_per_lesion(probabilities) if self.one_type_per_lesion else None
         indices = probabilities.argmax(axis=0).astype(np.uint8)
         label_values = np.asarray([c.value for c in self.card.classes], np.uint8)
         context = ScoreContext(labels=indices, sml_stats=self.card.sml_stats, spacing_zyx=self.spacing_zyx)
@@ -203,11 +205,15 @@ class Predictor:
         if removed_ml:
             notes.append(f"{removed_ml:.1f} mL predicted apart from the largest organ region were set to background "
                          "(the model's postprocessing: keep the largest connected region)")
+        if retyped_ml:
+            notes.append(f"{retyped_ml:.1f} mL of lesions predicted with mixed types took the type most of the "
+                         "lesion has (the model's postprocessing: one type per lesion)")
         return SegmentationResult(
             labels=labels, anomaly=anomaly, raw_scores=MapsOnInputGrid(raw, grid, image), case_score=score, case_scores=case_scores,
             lesions=lesions, card=self.card, anomaly_threshold=threshold, device=str(self.device),
             precision=self.precision.name, timings=timings, anomaly_score=self.anomaly_score,
             calibrated=calibrated_ok, notes=notes, image=image, removed_by_postprocessing_ml=removed_ml,
+            retyped_by_postprocessing_ml=retyped_ml,
         )
 
     def _keep_largest_component(self, probabilities: np.ndarray) -> float:
@@ -216,7 +222,24 @@ class Predictor:
         removed = outside_largest_component(probabilities.argmax(axis=0) != 0)
         probabilities[:, removed] = 0.0
         probabilities[0, removed] = 1.0
-        return float(removed.sum()) * float(np.prod(self.spacing_zyx)) / 1000.0
+        return self._millilitres(removed)
+
+    def _one_type_per_lesion(self, probabilities: np.ndarray) -> float:
+        """Give each tumour voxel's whole tumour probability to the type its lesion voted for (in
+        place), so that labels on every grid agree; returns the volume whose type changed in mL."""
+        indices = probabilities.argmax(axis=0)
+        tumour_indices = self.card.tumor_indices
+        voted = one_type_per_lesion(indices, tumour_indices)
+        tumour = np.isin(indices, tumour_indices)
+        voxels = probabilities[:, tumour]  # (K, N), a copy
+        total = voxels[tumour_indices].sum(axis=0)
+        voxels[tumour_indices] = 0.0
+        voxels[voted[tumour], np.arange(voxels.shape[1])] = total
+        probabilities[:, tumour] = voxels
+        return self._millilitres(voted != indices)
+
+    def _millilitres(self, mask: np.ndarray) -> float:
+        return float(mask.sum()) * float(np.prod(self.spacing_zyx)) / 1000.0
 
     def _patch_fn(self):
         """(B, 1, *P) patches → (B, K + S, *P): softmax probabilities, then one map per score."""

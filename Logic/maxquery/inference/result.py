@@ -53,6 +53,7 @@ class SegmentationResult:
     image: sitk.Image | None = None  # the input CT (same object, not a copy), for review pictures
     case_scores: dict[str, float] = field(default_factory=dict)  # per score: raw mean in the predicted tumour
     removed_by_postprocessing_ml: float | None = None  # None: every predicted region kept (postprocessing off)
+    retyped_by_postprocessing_ml: float | None = None  # None: each voxel keeps its own type (step off)
 
     def summary(self) -> dict:
         """JSON-ready description of the case (what ``<name>_summary.json`` holds)."""
@@ -70,6 +71,8 @@ class SegmentationResult:
             "device": self.device,
             "precision": self.precision,
             "postprocessing": {"keep_largest_component": self.removed_by_postprocessing_ml is not None,
-                               "removed_ml": self.removed_by_postprocessing_ml},
+                               "removed_ml": self.removed_by_postprocessing_ml,
+                               "one_type_per_lesion": self.retyped_by_postprocessing_ml is not None,
+                               "retyped_ml": self.retyped_by_postprocessing_ml},
             "timings_s": self.timings,
         }
