@@ -137,3 +137,16 @@ def test_config_overrides_and_unknown_keys():
         load_config("tiny", {"stage2.epoch": 7})
     with pytest.raises(FileNotFoundError, match="bundled configs"):
         load_config("no-such-config")
+
+
+def test_config_refuses_a_version_that_yaml_read_as_a_number(tmp_path):
+    """``version: 1.10`` is the float 1.1 to YAML: two models would share a version; quoted it is kept."""
+    from maxquery_training.cli import _parse_override
+
+    config = tmp_path / "model.yaml"
+    config.write_text("name: liver\nversion: 1.10\n")
+    with pytest.raises(ValueError, match="quote it"):
+        load_config(config)
+    with pytest.raises(ValueError, match="quote it"):
+        load_config("tiny", dict([_parse_override("version=1.10")]))
+    assert load_config("tiny", dict([_parse_override('version="1.10"')])).version == "1.10"

@@ -159,6 +159,11 @@ class TrainingConfig:
     validation_cases_for_calibration: int = 0  # 0: all validation cases
     training_cases_for_sml: int = 0  # the SML statistics' cases; 0: all training cases
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.version, str):
+            raise ValueError(f"version must be text, got the number {self.version!r}: YAML reads 1.10 as 1.1, so "
+                             "quote it (version: \"1.10\"; --set 'version=\"1.10\"')")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
         nested = {"data": DataConfig, "augmentation": AugmentationConfig, "stage1": StageConfig, "stage2": StageConfig,

@@ -51,7 +51,7 @@ def build_card(config: TrainingConfig, plan: Plan, run: str, training: dict) -> 
     if run == MC_DROPOUT_RUN:
         training = training | {"baseline": MC_DROPOUT_RUN, "fine_tuned_from_stage1": config.mc_dropout.from_stage1}
     return ModelCard(
-        name=config.name + suffix, version=str(config.version), architecture=architecture, network=network,
+        name=config.name + suffix, version=config.version, architecture=architecture, network=network,
         classes=class_infos(config.data),
         spacing_zyx=tuple(plan.spacing_zyx), patch_size_zyx=tuple(plan.patch_size_zyx),
         normalization=plan.normalization, mirror_axes=tuple(config.augmentation.mirror_axes),
