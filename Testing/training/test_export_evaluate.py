@@ -289,6 +289,7 @@ def test_postprocessing_is_decided_again_for_a_model_folder(exported, tiny_msd, 
     card = load_model_folder(model).card
     card.keep_largest_component = not card.keep_largest_component
     card.one_type_per_lesion = not card.one_type_per_lesion
+    card.sml_stats = card.sml_stats | {"mean": [0.0] * len(card.sml_stats["mean"])}  # stale statistics
     card.training.pop("postprocessing")
     write_model_card(model, card)
     assert postprocessing.main(["--data", str(tiny_msd), "--model", str(model)]) == 0
@@ -296,8 +297,12 @@ def test_postprocessing_is_decided_again_for_a_model_folder(exported, tiny_msd, 
     assert decided.keep_largest_component == load_model_folder(exported[1]).card.keep_largest_component
     assert decided.one_type_per_lesion == load_model_folder(exported[1]).card.one_type_per_lesion
     assert decided.training["postprocessing"] == load_model_folder(exported[1]).card.training["postprocessing"]
+    exported_stats = load_model_folder(exported[1]).card.sml_stats  # gathered again under the decision
+    assert decided.sml_stats["cases"] == exported_stats["cases"]
+    np.testing.assert_allclose(decided.sml_stats["mean"], exported_stats["mean"], rtol=1e-5)
     printed = capsys.readouterr().out
     assert "only the largest foreground region" in printed and "each lesion one type" in printed
+    assert "SML statistics gathered again" in printed
     assert postprocessing.main(["--data", str(tmp_path / "nothing"), "--model", str(model)]) == 2
     assert "maxquery-postprocess: error:" in capsys.readouterr().err
 

@@ -161,7 +161,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.version, str):
-            raise ValueError(f"version must be text, got the number {self.version!r}: YAML reads 1.10 as 1.1, so "
+            raise ValueError(f"version must be text, got {self.version!r}: YAML reads 1.10 as the number 1.1, so "
                              "quote it (version: \"1.10\"; --set 'version=\"1.10\"')")
 
     @classmethod

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)  # NCCL's default of 10 minutes is too short for rank 0 to preprocess a large data set
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # rank 0 preprocesses the data set while the others wait at a barrier (pipeline.load_split)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return DistInfo(rank, world_size, torch_device)
 
 

@@ -2,8 +2,7 @@
 calibration.
 
 SML needs the mean and standard deviation of the max logit per predicted class over the voxels
-of every training case (Jung et al. 2021; ``maxquery.scores.MaxLogitStatistics``). The
-calibration stores quantiles of the raw anomaly score over inlier validation voxels inside the
+of the training cases (``sml``). The calibration stores quantiles of the raw anomaly score over inlier validation voxels inside the
 organ region (``regions.organ_region``), so the calibrated score of a voxel reads as the fraction
 of inlier organ voxels scoring lower. Both come from the same
 predictor a user runs, so they match inference exactly.
@@ -25,7 +24,6 @@ from tqdm import tqdm
 from maxquery.calibration import AnomalyCalibration
 from maxquery.inference import Predictor
 from maxquery.model_folder import ModelCard, save_model_folder
-from maxquery.scores import SML_MIN_CLASS_VOXELS, MaxLogitStatistics
 
 from .classes import class_infos
 from .config import TrainingConfig
@@ -33,6 +31,7 @@ from .dataset import list_cases, read_case
 from .pipeline import MC_DROPOUT_RUN, Plan, load_trained, run_network_config
 from .postprocessing import decide_postprocessing
 from .regions import organ_region
+from .sml import sml_statistics
 from .trainer import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -77,23 +76,6 @@ def last_validation(history: list[dict]) -> dict:
         out["query_usage_unused"] = [f"{stage}/{group}" for stage, groups in usage.items()
                                      for group, row in groups.items() if row["queries_used"] == 0]
     return out
-
-
-def sml_statistics(predictor: Predictor, cases) -> dict:
-    """Per predicted class: voxels, mean and std of the max logit over every training case."""
-    statistics = MaxLogitStatistics(len(predictor.card.classes))
-    index_of_value = np.zeros(256, np.intp)
-    index_of_value[[c.value for c in predictor.card.classes]] = np.arange(len(predictor.card.classes))
-    for case in tqdm(cases, desc="SML statistics", leave=False):
-        image, _ = read_case(case)
-        result = predictor.predict(image)
-        max_logit = -sitk.GetArrayViewFromImage(result.raw_scores["maxlogit"])
-        statistics.update(max_logit, index_of_value[sitk.GetArrayViewFromImage(result.labels)])
-    stats = statistics.to_dict()
-    if stats["fallback"]:
-        names = [predictor.card.classes[i].name for i in stats["fallback"]]
-        log.info("SML: %s use the pooled statistics (fewer than %d voxels or no spread)", names, SML_MIN_CLASS_VOXELS)
-    return stats
 
 
 def calibration_samples(predictor: Predictor, cases, config: TrainingConfig, score: str) -> np.ndarray:

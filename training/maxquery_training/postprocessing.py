@@ -26,6 +26,7 @@ from maxquery.metrics import DiceAccumulator
 from maxquery.model_folder import ModelCard, read_model_card, write_model_card
 
 from .dataset import DataError, list_cases, read_case
+from .sml import sml_statistics
 
 
 def determine_postprocessing(predictor: Predictor, cases) -> dict:
@@ -65,12 +66,24 @@ def decide_postprocessing(folder: Path, cases, card: ModelCard, device: str = "a
     return decision
 
 
-def record_postprocessing(folder: Path, data_root: Path, device: str = "auto") -> dict:
-    """Decide on ``data_root``'s validation cases and write the decision into the model's card."""
+def record_postprocessing(folder: Path, data_root: Path, device: str = "auto") -> tuple[dict, bool]:
+    """Decide on ``data_root``'s validation cases and write the decision into the model's card.
+
+    A changed decision changes the predicted classes, so the card's SML statistics are gathered
+    again (from as many training cases as before), as the export would have gathered them.
+    Returns the decision and whether they were."""
     card = read_model_card(folder)
+    before = (card.keep_largest_component, card.one_type_per_lesion)
     decision = decide_postprocessing(folder, list_cases(data_root, "validation"), card, device)
+    refresh_sml = card.sml_stats is not None and (card.keep_largest_component, card.one_type_per_lesion) != before
+    if refresh_sml:
+        predictor = Predictor(folder, device=device, scores=("maxlogit",),
+                              keep_largest_component=card.keep_largest_component,
+                              one_type_per_lesion=card.one_type_per_lesion)
+        training_cases = list_cases(data_root, "training")[:card.sml_stats["cases"]]
+        card.sml_stats = sml_statistics(predictor, training_cases)
     write_model_card(folder, card)
-    return decision
+    return decision, refresh_sml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     try:
-        decision = record_postprocessing(args.model, args.data, args.device)
+        decision, sml_gathered_again = record_postprocessing(args.model, args.data, args.device)
     except (DataError, MaxQueryError, FileNotFoundError, ValueError) as err:
         print(f"maxquery-postprocess: error: {err}", file=sys.stderr)
         return 2
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "gives" if decision["one_type_per_lesion"] else "does not give"
     print(f"{args.model.name} {verdict} each lesion one type: mean validation Dice "
           f"{100 * decision['validation_dice_one_type_per_lesion']:.2f} with it")
+    if sml_gathered_again:
+        print(f"{args.model.name}: SML statistics gathered again under the new postprocessing")
     return 0
 
 
