@@ -140,6 +140,11 @@ class ModelCard:
         return [c.value for c in self.classes if c.role != "background"]
 
     @property
+    def tumor_values(self) -> list[int]:
+        """Label values of the tumour classes, output order."""
+        return [c.value for c in self.classes if c.role == "tumor"]
+
+    @property
     def tumor_indices(self) -> list[int]:
         """Output channels (not label values) of the tumour classes."""
         return [i for i, c in enumerate(self.classes) if c.role == "tumor"]

@@ -2,10 +2,10 @@
 calibration.
 
 SML needs the mean and standard deviation of the max logit per predicted class over the voxels
-of the training cases (``sml``). The calibration stores quantiles of the raw anomaly score over inlier validation voxels inside the
-organ region (``regions.organ_region``), so the calibrated score of a voxel reads as the fraction
-of inlier organ voxels scoring lower. Both come from the same
-predictor a user runs, so they match inference exactly.
+of the training cases (``sml``). The calibration stores quantiles of the raw anomaly score over
+inlier validation voxels inside the organ region (``regions.organ_region``), so the calibrated
+score of a voxel reads as the fraction of inlier organ voxels scoring lower. Both come from the
+same predictor a user runs, so they match inference exactly.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ def determine_postprocessing(predictor: Predictor, cases) -> dict:
                          "(keep_largest_component=False, one_type_per_lesion=False)")
     card = predictor.card
     values = tuple(card.foreground_values)
-    tumour_values = [card.classes[i].value for i in card.tumor_indices]
     steps = {(largest, vote): DiceAccumulator(values) for largest in (False, True) for vote in (False, True)}
     for case in tqdm(cases, desc="postprocessing", leave=False):
         image, label = read_case(case)
@@ -47,7 +46,7 @@ def determine_postprocessing(predictor: Predictor, cases) -> dict:
         for largest in (False, True):
             kept = keep_largest_component(predicted) if largest else predicted
             steps[largest, False].update(kept, reference)
-            steps[largest, True].update(one_type_per_lesion(kept, tumour_values), reference)
+            steps[largest, True].update(one_type_per_lesion(kept, card.tumor_values), reference)
     dice = {key: float(np.nanmean(list(accumulator.mean().values()))) for key, accumulator in steps.items()}
     largest = dice[True, False] > dice[False, False]
     return {"keep_largest_component": bool(largest), "one_type_per_lesion": bool(dice[largest, True] > dice[largest, False]),

@@ -49,7 +49,7 @@ def find_lesions(
     spacing_zyx = tuple(reversed(labels.GetSpacing()))
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     names = {c.value: c.name for c in card.classes}
-    tumour_values = [c.value for c in card.classes if c.role == "tumor"]
+    tumour_values = card.tumor_values
     masks = {
         "tumor": np.isin(label_array, tumour_values),
         "anomaly": (anomaly_array >= threshold) & search_region(label_array, spacing_zyx, margin_mm),
